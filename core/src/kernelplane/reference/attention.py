@@ -1,0 +1,80 @@
+"""Reference paged attention (MHA/GQA/MQA and absorbed MLA), prefill and decode.
+
+Computes in float32 and returns the query's dtype. Decode-only batches take a
+batched path (pad every sequence to the longest, mask the rest); batches with
+prefill loop over sequences.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..capabilities import AttentionRequest
+from ..kv_cache import AttentionMetadata, KVPages
+
+
+def gather_kv(pages: KVPages, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the given blocks, ``[n * block_size, heads, dim]`` each."""
+    if pages.quantizer is not None:
+        k, v = pages.quantizer.dequantize(pages, block_ids)
+    else:
+        k = pages.key.index_select(0, block_ids)
+        v = pages.value.index_select(0, block_ids)
+    return k.flatten(0, 1), v.flatten(0, 1)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: torch.Tensor | int,
+                   causal: bool, sliding_window: int | None) -> torch.Tensor:
+    """Boolean [..., q, k] mask of the keys each query may see."""
+    allowed = k_pos[None, :] < (seq_len if isinstance(seq_len, int) else seq_len[..., None, None])
+    if causal:
+        allowed = allowed & (k_pos[None, :] <= q_pos[..., :, None])
+    if sliding_window is not None:
+        allowed = allowed & (k_pos[None, :] > q_pos[..., :, None] - sliding_window)
+    return allowed
+
+
+class ReferenceAttention:
+    def __init__(self, request: AttentionRequest):
+        self.request = request
+        self.scale = request.softmax_scale
+        self.group = request.num_heads // request.num_kv_heads
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # q [..., Q, Hq, D], k/v [..., K, Hkv, D]; GQA by repeating KV heads.
+        k = k.float().repeat_interleave(self.group, dim=-2)
+        v = v.float().repeat_interleave(self.group, dim=-2)
+        scores = torch.einsum("...qhd,...khd->...hqk", q.float(), k) * self.scale
+        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+        return torch.einsum("...hqk,...khd->...qhd", probs, v)
+
+    def forward(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> torch.Tensor:
+        req = self.request
+        bs = pages.block_size
+        if meta.is_decode_only and pages.quantizer is None:
+            # One query per sequence: gather all pages at once, padded.
+            n_blocks = (meta.max_seq_len + bs - 1) // bs
+            tables = meta.block_tables[:, :n_blocks].long()
+            k = pages.key[tables].flatten(1, 2)  # [B, n_blocks*bs, H, D]
+            v = pages.value[tables].flatten(1, 2)
+            k_pos = torch.arange(k.shape[1], device=query.device)
+            q_pos = (meta.seq_lens.long() - 1)[:, None]
+            mask = attention_mask(q_pos, k_pos, meta.seq_lens.long(), req.causal, req.sliding_window)
+            out = self._attend(query[:, None], k, v, mask)
+            return out[:, 0].to(query.dtype)
+
+        out = torch.empty(query.shape[0], req.num_heads, pages.head_dim_v, dtype=query.dtype, device=query.device)
+        starts = meta.query_start_loc.tolist()
+        seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        for b, seq_len in enumerate(seq_lens):
+            q0, q1 = starts[b], starts[b + 1]
+            if q1 == q0:
+                continue
+            n_blocks = (seq_len + bs - 1) // bs
+            k, v = gather_kv(pages, meta.block_tables[b, :n_blocks].long())
+            k, v = k[:seq_len], v[:seq_len]
+            k_pos = torch.arange(seq_len, device=query.device)
+            q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
+            mask = attention_mask(q_pos, k_pos, seq_len, req.causal, req.sliding_window)
+            out[q0:q1] = self._attend(query[q0:q1], k, v, mask).to(query.dtype)
+        return out
