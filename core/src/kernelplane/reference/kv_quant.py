@@ -50,6 +50,8 @@ class RoundToNearestKVQuantizer:
     def _write_plane(self, pages: KVPages, name: str, x: torch.Tensor, slots: torch.Tensor) -> None:
         q, scale = self.quantize(x)
         codes = pages.tensors[name]
+        if codes.element_size() == 1:  # fp8 has no index_copy on every device: copy its bytes
+            codes, q = codes.view(torch.uint8), q.view(torch.uint8)
         codes.view(-1, *codes.shape[2:]).index_copy_(0, slots, q)
         scales = pages.tensors[name + "_scale"]
         scales.view(-1, *scales.shape[2:]).index_copy_(0, slots, scale)
