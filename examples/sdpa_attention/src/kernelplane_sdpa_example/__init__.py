@@ -1,0 +1,1 @@
+"""Example kernelplane plugin: paged attention through torch SDPA."""

@@ -1,0 +1,5 @@
+from kernelplane.testing import AttentionConformance
+
+
+class TestSdpa(AttentionConformance):
+    provider_name = "sdpa"
