@@ -1,0 +1,18 @@
+"""Run the kernels through Triton's CPU interpreter. This must be set before
+anything imports triton, and before the core probes the hardware."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fresh_registry():
+    """A registry rebuilt from the installed entry points for one test."""
+    from kernelplane.registry import Registry, reset_registry
+
+    registry = Registry()
+    reset_registry(registry)
+    yield registry
+    reset_registry(None)
