@@ -1,8 +1,12 @@
 """Run the kernels through Triton's CPU interpreter. This must be set before
-anything imports triton, and before the core probes the hardware."""
+anything imports triton, and before the core probes the hardware.
+
+On a GPU machine, ``KERNELPLANE_TRITON_COMPILED=1`` runs the same tests on
+the compiled kernels instead."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+if os.environ.get("KERNELPLANE_TRITON_COMPILED") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 

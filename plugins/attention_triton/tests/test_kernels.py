@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kernelplane.reference.attention import ReferenceAttention
+from kernelplane import probe_hardware
 from kernelplane.testing.attention import AttentionCase, make_inputs
 from kernelplane_attention_triton.backend import LaunchPlan, TritonPagedAttention
 from kernelplane_attention_triton.configs import TileConfig
@@ -17,6 +18,8 @@ from kernelplane_attention_triton.configs import TileConfig
 # ||out - ref|| / ||ref||: float32 runs exact dots here; 16-bit outputs carry
 # their rounding (and bf16 its 8-bit mantissa in the P @ V operand).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+DEVICE = probe_hardware().torch_device if probe_hardware().is_gpu else "cpu"
 
 C = AttentionCase
 CASES = [
@@ -55,7 +58,7 @@ def tiny_plan(backend: TritonPagedAttention, max_seq_len: int) -> LaunchPlan:
 
 
 def run_case(case, dtype, seed=0, tiny=False, kv_cache_format="auto"):
-    request, pages, meta, query = make_inputs(case, dtype, kv_cache_format, seed=seed, device="cpu")
+    request, pages, meta, query = make_inputs(case, dtype, kv_cache_format, seed=seed, device=DEVICE)
     backend = TritonPagedAttention(request)
     plan = tiny_plan(backend, meta.max_seq_len) if tiny else None
     out = backend.forward(query, pages, meta, plan=plan)
@@ -92,7 +95,7 @@ def test_float32_cache_with_bf16_queries():
 
 
 def test_split_plan_is_used_for_long_contexts_on_a_big_gpu():
-    request, pages, meta, query = make_inputs(C("one_long", 8, 2, 64, (1,), (2000,)), "float16", device="cpu")
+    request, pages, meta, query = make_inputs(C("one_long", 8, 2, 64, (1,), (2000,)), "float16", device=DEVICE)
     backend = TritonPagedAttention(request, sm_count=132)
     plan = backend.plan(query.shape[0], meta, pages.block_size)
     assert plan.splits > 1 and plan.splits * plan.tokens_per_split >= 2000
@@ -111,13 +114,13 @@ def test_fresh_inputs_give_fresh_outputs():
 
 
 def test_empty_batch():
-    request, pages, meta, query = make_inputs(CASES[0], "float16", device="cpu")
+    request, pages, meta, query = make_inputs(CASES[0], "float16", device=DEVICE)
     out = TritonPagedAttention(request).forward(query[:0], pages, meta)
     assert out.shape == (0, 4, 64)
 
 
 def test_bad_inputs_are_named():
-    request, pages, meta, query = make_inputs(CASES[1], "bfloat16", device="cpu")
+    request, pages, meta, query = make_inputs(CASES[1], "bfloat16", device=DEVICE)
     backend = TritonPagedAttention(request)
     with pytest.raises(ValueError, match="query must be"):
         backend.forward(query[:, :4], pages, meta)

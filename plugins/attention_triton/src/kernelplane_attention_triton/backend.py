@@ -16,7 +16,7 @@ import torch
 from kernelplane import AttentionMetadata, AttentionRequest, KVPages
 
 from . import kernels
-from .configs import TileConfig, heads_per_program, num_kv_splits, tile_config
+from .configs import TARGET_PROGRAMS_PER_SM, TileConfig, heads_per_program, num_kv_splits, tile_config
 
 _LOG2E = 1.4426950408889634
 # Under Triton's CPU interpreter bfloat16 dots need float32 operands (see kernels._dot).
@@ -41,14 +41,16 @@ class TritonPagedAttention:
         self.scale_log2 = request.softmax_scale * _LOG2E
         self.sm_count = sm_count
 
-    def plan(self, num_tokens: int, meta: AttentionMetadata, block_size: int) -> LaunchPlan:
+    def plan(self, num_tokens: int, meta: AttentionMetadata, block_size: int,
+             tiles: Optional[TileConfig] = None, programs_per_sm: float = TARGET_PROGRAMS_PER_SM) -> LaunchPlan:
+        """The launch for this batch; ``tiles`` and ``programs_per_sm`` let benchmarks sweep."""
         req = self.request
         max_q = max(1, meta.max_query_len)
-        tiles = tile_config(req.head_dim, self.heads, max_q, block_size)
+        tiles = tiles or tile_config(req.head_dim, self.heads, max_q, block_size)
         block_q = tiles.block_m // self.heads
         programs = self._num_q_tiles(num_tokens, meta.num_seqs, block_q, max_q) * (req.num_heads // self.heads)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else meta.block_tables.shape[1] * block_size
-        splits, per_split = num_kv_splits(programs, max_kv, tiles.block_n, self.sm_count)
+        splits, per_split = num_kv_splits(programs, max_kv, tiles.block_n, self.sm_count, programs_per_sm)
         return LaunchPlan(tiles, self.heads, splits, per_split)
 
     @staticmethod
@@ -139,6 +141,8 @@ class TritonPagedAttention:
                 raise ValueError(f"metadata {name} must be int32, got {t.dtype}")
             if t.device != query.device:
                 raise ValueError(f"metadata {name} is on {t.device}, query on {query.device}")
+            if t.stride(-1) != 1:
+                raise ValueError(f"metadata {name} must be contiguous in its last dim")
         if meta.query_start_loc.shape[0] != meta.num_seqs + 1:
             raise ValueError("metadata query_start_loc must have num_seqs + 1 entries")
         if pages.key.device != query.device:

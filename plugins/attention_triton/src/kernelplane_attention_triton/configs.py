@@ -56,7 +56,8 @@ def tile_config(head_dim: int, heads: int, max_query_len: int, block_size: int) 
     return TileConfig(block_m, block_n, num_warps=8 if block_m >= 128 else 4, num_stages=3 if block_d <= 128 else 2)
 
 
-def num_kv_splits(programs: int, max_kv_len: int, block_n: int, sm_count: int | None) -> tuple[int, int]:
+def num_kv_splits(programs: int, max_kv_len: int, block_n: int, sm_count: int | None,
+                  programs_per_sm: float = TARGET_PROGRAMS_PER_SM) -> tuple[int, int]:
     """(splits, tokens per split) so that ``programs * splits`` fills the GPU.
 
     ``programs``: programs launched without splitting. Tokens per split are a
@@ -67,7 +68,7 @@ def num_kv_splits(programs: int, max_kv_len: int, block_n: int, sm_count: int | 
     whole = math.ceil(max_kv_len / block_n) * block_n
     if not sm_count:
         return 1, whole
-    want = math.ceil(TARGET_PROGRAMS_PER_SM * sm_count / max(programs, 1))
+    want = math.ceil(programs_per_sm * sm_count / max(programs, 1))
     splits = max(1, min(want, MAX_SPLITS, max_kv_len // MIN_TOKENS_PER_SPLIT))
     if splits == 1:
         return 1, whole

@@ -130,8 +130,8 @@ def paged_attention_kernel(
     else:
         # Sequence b's tiles are numbered from query_start_loc[b] // BLOCK_Q + b
         # (strictly increasing in b): binary-search the last b at or below tile_id.
-        lo = 0
-        hi = num_seqs - 1
+        lo = tl.full([], 0, tl.int32)
+        hi = lo + num_seqs - 1
         for _ in range(SEARCH_STEPS):
             mid = (lo + hi + 1) // 2
             first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
@@ -143,8 +143,7 @@ def paged_attention_kernel(
 
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
-    if q_tile_start >= q_len:
-        return
+    tile_is_real = q_tile_start < q_len  # else: the tile search's spare program, nothing to do
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len  # position of the sequence's first query token
 
@@ -187,6 +186,9 @@ def paged_attention_kernel(
     t3 = tl.cdiv(vis_hi, BLOCK_N)
     t1 = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK_N), t0), t3)
     t2 = tl.minimum(tl.maximum(all_hi // BLOCK_N, t1), t3)
+    t3 = tl.where(tile_is_real, t3, t0)
+    t2 = tl.minimum(t2, t3)
+    t1 = tl.minimum(t1, t3)
     if SPLIT:
         s0 = split * (tokens_per_split // BLOCK_N)
         s1 = s0 + tokens_per_split // BLOCK_N
