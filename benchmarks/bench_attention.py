@@ -335,6 +335,11 @@ def sweep(device, gen, copy_bw, scale=1.0):
             log(f"  sweep decode page {page:3d} B {batch:3d} L {ctx}: bn {tiles.block_n:3d} w {tiles.num_warps} "
                 f"st {tiles.num_stages} pps {pps} splits {plan.splits:2d}: {t * 1e6:8.1f} us "
                 f"{100 * kv_bytes / t / copy_bw:.0f}%")
+        best = min((r for r in rows if r["kind"] == "decode" and (r["page"], r["batch"], r["context"]) == (page, batch, ctx)),
+                   key=lambda r: r["us"], default=None)
+        if best:
+            log(f"  best decode page {page} B {batch} L {ctx}: {best['tiles']} pps {best['programs_per_sm']} "
+                f"splits {best['splits']}: {best['us']:.1f} us {100 * best['frac']:.0f}%")
         del pool, sets
         _empty_cache()
 
@@ -357,6 +362,9 @@ def sweep(device, gen, copy_bw, scale=1.0):
             rows.append(dict(kind="prefill", page=page, length=length, tiles=str(tiles), ms=t * 1e3, tflops=tflops))
             log(f"  sweep prefill page {page:3d} L {length}: bm {tiles.block_m} bn {tiles.block_n} w {tiles.num_warps} "
                 f"st {tiles.num_stages}: {t * 1e3:.3f} ms {tflops:.0f} TFLOP/s")
+        best = min((r for r in rows if r["kind"] == "prefill" and r["page"] == page), key=lambda r: r["ms"], default=None)
+        if best:
+            log(f"  best prefill page {page} L {length}: {best['tiles']}: {best['ms']:.3f} ms {best['tflops']:.0f} TFLOP/s")
         del pool, meta, query
         _empty_cache()
     return rows
