@@ -27,7 +27,7 @@ import triton.language as tl
 
 # A finite "minus infinity" for the running max: keeps exp2(m_old - m_new)
 # free of NaN while a row has seen no visible key yet.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
