@@ -1,0 +1,7 @@
+"""Model loading (GGUF, Hugging Face folders) and the Llama-family model."""
+from .config import ModelConfig
+from .errors import ModelLoadError
+from .loader import LoadedModel, load_model, load_model_config, resolve_model_path
+from .tokenizer import Tokenizer
+
+__all__ = ["LoadedModel", "ModelConfig", "ModelLoadError", "Tokenizer", "load_model", "load_model_config", "resolve_model_path"]
