@@ -2,7 +2,7 @@
 import pytest
 
 from kernelplane_attention_triton.configs import (MAX_SPLITS, MIN_TOKENS_PER_SPLIT, heads_per_program,
-                                                  num_kv_splits, tile_config)
+                                                  num_kv_splits, tile_configs)
 
 
 @pytest.mark.parametrize("group, heads", [(1, 1), (3, 3), (8, 8), (64, 64), (96, 48), (128, 64)])
@@ -11,10 +11,17 @@ def test_heads_per_program_divides_the_group(group, heads):
 
 
 def test_decode_gets_small_row_tiles_and_prefill_large_ones():
-    decode = tile_config(128, 4, 1, 16)
-    prefill = tile_config(128, 4, 4096, 16)
+    decode = tile_configs(128, 4, 1)[0]
+    prefill = tile_configs(128, 4, 4096)[0]
     assert decode.block_m == 16 and prefill.block_m == 128
-    assert tile_config(256, 4, 4096, 16).block_m == 64  # D=256 tiles must fit on chip
+    assert tile_configs(256, 4, 4096)[0].block_m == 64  # D=256 tiles must fit on chip
+    assert tile_configs(128, 64, 4096)[0].block_m >= 64  # a whole head group per tile
+
+
+def test_fallback_tiles_need_less_shared_memory():
+    for candidates in (tile_configs(128, 4, 1), tile_configs(128, 4, 4096), tile_configs(256, 2, 512)):
+        smem = [t.num_stages * t.block_n + t.block_m for t in candidates]
+        assert smem == sorted(smem, reverse=True) and len(set(candidates)) == len(candidates)
 
 
 @pytest.mark.parametrize("programs, max_kv", [(8, 16384), (8, 1000), (256, 8192), (1, 300), (512, 100000)])

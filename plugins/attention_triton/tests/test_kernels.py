@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernelplane.reference.attention import ReferenceAttention
-from kernelplane import probe_hardware
+from kernelplane import AttentionRequest, probe_hardware
 from kernelplane.testing.attention import AttentionCase, make_inputs
 from kernelplane_attention_triton.backend import LaunchPlan, TritonPagedAttention
 from kernelplane_attention_triton.configs import TileConfig
@@ -127,3 +127,29 @@ def test_bad_inputs_are_named():
     meta.seq_lens = meta.seq_lens.long()
     with pytest.raises(ValueError, match="seq_lens must be int32"):
         backend.forward(query, pages, meta)
+
+
+def test_warmup_runs_every_kernel_variant():
+    request = AttentionRequest(num_heads=8, num_kv_heads=2, head_dim=64, dtype="bfloat16", block_size=16)
+    TritonPagedAttention(request).warmup(even_interpreted=True)
+
+
+def test_tiles_too_big_for_the_gpu_fall_back_to_the_next_candidate(monkeypatch):
+    class OutOfResources(Exception):  # what Triton raises when shared memory runs out
+        pass
+
+    request, pages, meta, query = make_inputs(CASES[11], "float16", device=DEVICE)  # a prefill case
+    backend = TritonPagedAttention(request)
+    first = backend.plan(query.shape[0], meta, pages.block_size).tiles
+    launch = backend._launch
+
+    def small_gpu_launch(plan, *args):
+        if plan.tiles == first:
+            raise OutOfResources("out of resource: shared memory")
+        return launch(plan, *args)
+
+    monkeypatch.setattr(backend, "_launch", small_gpu_launch)
+    out = backend.forward(query, pages, meta)
+    check(out, ReferenceAttention(request).forward(query.float(), pages, meta), torch.float16)
+    assert backend.unfit_tiles == {first}
+    assert backend.plan(query.shape[0], meta, pages.block_size).tiles != first

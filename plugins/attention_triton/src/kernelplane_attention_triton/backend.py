@@ -16,7 +16,7 @@ import torch
 from kernelplane import AttentionMetadata, AttentionRequest, KVPages
 
 from . import kernels
-from .configs import TARGET_PROGRAMS_PER_SM, TileConfig, heads_per_program, num_kv_splits, tile_config
+from .configs import TARGET_PROGRAMS_PER_SM, TileConfig, heads_per_program, num_kv_splits, tile_configs
 
 _LOG2E = 1.4426950408889634
 # Under Triton's CPU interpreter bfloat16 dots need float32 operands (see kernels._dot).
@@ -40,18 +40,52 @@ class TritonPagedAttention:
         self.heads = heads_per_program(self.group)
         self.scale_log2 = request.softmax_scale * _LOG2E
         self.sm_count = sm_count
+        self.unfit_tiles: set[TileConfig] = set()  # ran out of shared memory / registers on this GPU
 
     def plan(self, num_tokens: int, meta: AttentionMetadata, block_size: int,
              tiles: Optional[TileConfig] = None, programs_per_sm: float = TARGET_PROGRAMS_PER_SM) -> LaunchPlan:
         """The launch for this batch; ``tiles`` and ``programs_per_sm`` let benchmarks sweep."""
         req = self.request
         max_q = max(1, meta.max_query_len)
-        tiles = tiles or tile_config(req.head_dim, self.heads, max_q, block_size)
+        if tiles is None:
+            candidates = tile_configs(req.head_dim, self.heads, max_q)
+            tiles = next((t for t in candidates if t not in self.unfit_tiles), candidates[-1])
         block_q = tiles.block_m // self.heads
         programs = self._num_q_tiles(num_tokens, meta.num_seqs, block_q, max_q) * (req.num_heads // self.heads)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else meta.block_tables.shape[1] * block_size
         splits, per_split = num_kv_splits(programs, max_kv, tiles.block_n, self.sm_count, programs_per_sm)
         return LaunchPlan(tiles, self.heads, splits, per_split)
+
+    def warmup(self, even_interpreted: bool = False) -> None:
+        """Compile the decode (split and not) and prefill kernels for this
+        request now, on tiny random inputs, so that a kernel that cannot run
+        here fails at selection time (and selection falls back) rather than on
+        the first request. Compiled kernels land in Triton's disk cache. The
+        interpreter compiles nothing, so there it is skipped unless asked."""
+        from kernelplane.kv_cache import allocate_plain_pages, torch_dtype
+
+        if _INTERPRETED and not even_interpreted:
+            return
+        req = self.request
+        device = "cuda" if torch.cuda.is_available() and not _INTERPRETED else "cpu"
+        dtype = torch_dtype(req.dtype)
+        bs = req.block_size
+        prefill_len = max(2, 65 // self.heads + 1)  # enough rows for the prefill tiles
+        seq_len = prefill_len + 2 * bs
+        n_blocks = math.ceil(seq_len / bs)
+        pages = allocate_plain_pages(2 * n_blocks, bs, req.num_kv_heads, req.head_dim, req.v_dim,
+                                     torch_dtype(req.resolved_kv_format), device)
+        for t in pages.tensors.values():
+            t.normal_()
+        tables = [list(range(n_blocks)), list(range(n_blocks, 2 * n_blocks))]
+        for query_lens in ([1, 1], [prefill_len, 1]):
+            meta = AttentionMetadata.build(query_lens, [seq_len, seq_len], tables, bs, device)
+            query = torch.randn(sum(query_lens), req.num_heads, req.head_dim, dtype=dtype, device=device)
+            self.forward(query, pages, meta)
+            if query_lens == [1, 1]:  # the split-KV path and its combine kernel
+                tiles = self.plan(2, meta, bs).tiles
+                per_split = math.ceil(seq_len / 2 / tiles.block_n) * tiles.block_n
+                self.forward(query, pages, meta, plan=LaunchPlan(tiles, self.heads, 2, per_split))
 
     @staticmethod
     def _num_q_tiles(num_tokens: int, num_seqs: int, block_q: int, max_query_len: int) -> int:
@@ -67,16 +101,32 @@ class TritonPagedAttention:
         out = torch.empty(num_tokens, req.num_heads, req.v_dim, dtype=query.dtype, device=query.device)
         if num_tokens == 0 or meta.num_seqs == 0:
             return out
-        plan = plan or self.plan(num_tokens, meta, pages.block_size)
+        if plan is not None:
+            self._launch(plan, query, pages, meta, out)
+            return out
+        while True:
+            plan = self.plan(num_tokens, meta, pages.block_size)
+            try:
+                self._launch(plan, query, pages, meta, out)
+                return out
+            except Exception as exc:
+                # Tiles too big for this GPU: remember, try the next candidate.
+                if type(exc).__name__ != "OutOfResources" or plan.tiles in self.unfit_tiles:
+                    raise
+                self.unfit_tiles.add(plan.tiles)
+
+    def _launch(self, plan: LaunchPlan, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata,
+                out: torch.Tensor) -> None:
+        req = self.request
+        num_tokens = query.shape[0]
         key, value = pages.key, pages.value
         q = query
         if key.dtype != query.dtype:  # mixed cache/query dtypes: compute in float32
             q = query.float()
         tiles = plan.tiles
         block_q = tiles.block_m // plan.heads
-        tile_per_seq = max(1, meta.max_query_len) <= block_q
-        grid_tiles = self._num_q_tiles(num_tokens, meta.num_seqs, block_q, max(1, meta.max_query_len))
-        grid = (grid_tiles, req.num_heads // plan.heads, plan.splits)
+        max_q = max(1, meta.max_query_len)
+        grid = (self._num_q_tiles(num_tokens, meta.num_seqs, block_q, max_q), req.num_heads // plan.heads, plan.splits)
 
         if plan.splits > 1:
             partial = torch.empty(num_tokens, req.num_heads, plan.splits, req.v_dim, dtype=torch.float32,
@@ -103,7 +153,7 @@ class TritonPagedAttention:
             HEAD_DIM=req.head_dim, HEAD_DIM_V=req.v_dim,
             BLOCK_D=_block_dim(req.head_dim), BLOCK_DV=_block_dim(req.v_dim),
             CAUSAL=req.causal, HAS_WINDOW=req.sliding_window is not None, SPLIT=plan.splits > 1,
-            TILE_PER_SEQ=tile_per_seq, SEARCH_STEPS=max(1, math.ceil(math.log2(meta.num_seqs + 1))),
+            TILE_PER_SEQ=max_q <= block_q, SEARCH_STEPS=max(1, math.ceil(math.log2(meta.num_seqs + 1))),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST_DOT=_INTERPRETED and q.dtype == torch.bfloat16,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -117,7 +167,6 @@ class TritonPagedAttention:
                 HEAD_DIM_V=req.v_dim, BLOCK_S=_block_dim(plan.splits, minimum=2), BLOCK_DV=_block_dim(req.v_dim),
                 num_warps=4,
             )
-        return out
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:
         req = self.request

@@ -39,21 +39,27 @@ def heads_per_program(group: int) -> int:
     return max(d for d in range(1, min(group, MAX_HEADS_PER_PROGRAM) + 1) if group % d == 0)
 
 
+# Tile candidates, fastest first (H100 sweeps, 32/8 heads, D=128, bf16; see
+# BENCHMARKS.md). Later entries need less shared memory: a GPU that cannot fit
+# one falls back to the next (``TritonPagedAttention`` remembers which).
+_DECODE_TILES = (TileConfig(16, 64, num_warps=4, num_stages=2), TileConfig(16, 32, num_warps=4, num_stages=2))
+_PREFILL_TILES = (TileConfig(128, 128, num_warps=8, num_stages=3), TileConfig(128, 64, num_warps=8, num_stages=3),
+                  TileConfig(64, 64, num_warps=4, num_stages=2))
+_PREFILL_TILES_D256 = (TileConfig(64, 32, num_warps=4, num_stages=2), TileConfig(32, 32, num_warps=4, num_stages=1))
+
+
 @functools.lru_cache(maxsize=None)
-def tile_config(head_dim: int, heads: int, max_query_len: int, block_size: int) -> TileConfig:
-    """Tiles for one launch. Decode-like batches (a few query tokens per
-    sequence) get one small row tile per sequence; prefill gets large tiles."""
-    block_d = max(16, next_pow2(head_dim))
+def tile_configs(head_dim: int, heads: int, max_query_len: int) -> tuple[TileConfig, ...]:
+    """Tile candidates for one launch, best first. Decode-like batches (a few
+    query tokens per sequence) get one small row tile per sequence; prefill
+    gets large tiles, each holding at least one whole head group."""
     rows = heads * max_query_len
     if rows <= 64:
         # Decode / speculative verification: memory-bound, stream K/V.
         block_m = max(16, next_pow2(rows))
-        block_n = 64 if block_d <= 128 else 32
-        return TileConfig(block_m, block_n, num_warps=4, num_stages=3)
-    # Prefill: compute-bound; big tiles, and at least one full head group per tile.
-    block_m = max(128 if block_d <= 128 else 64, next_pow2(heads))
-    block_n = 64 if block_d <= 128 else 32
-    return TileConfig(block_m, block_n, num_warps=8 if block_m >= 128 else 4, num_stages=3 if block_d <= 128 else 2)
+        return tuple(TileConfig(block_m, t.block_n, t.num_warps, t.num_stages) for t in _DECODE_TILES)
+    table = _PREFILL_TILES if max(16, next_pow2(head_dim)) <= 128 else _PREFILL_TILES_D256
+    return tuple(TileConfig(max(t.block_m, next_pow2(heads)), t.block_n, t.num_warps, t.num_stages) for t in table)
 
 
 def num_kv_splits(programs: int, max_kv_len: int, block_n: int, sm_count: int | None,
