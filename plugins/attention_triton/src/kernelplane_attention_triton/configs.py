@@ -42,7 +42,7 @@ def heads_per_program(group: int) -> int:
 # Tile candidates, fastest first (H100 sweeps, 32/8 heads, D=128, bf16; see
 # BENCHMARKS.md). Later entries need less shared memory: a GPU that cannot fit
 # one falls back to the next (``TritonPagedAttention`` remembers which).
-_DECODE_TILES = (TileConfig(16, 64, num_warps=4, num_stages=2), TileConfig(16, 32, num_warps=4, num_stages=2))
+_DECODE_TILES = (TileConfig(16, 64, num_warps=2, num_stages=2), TileConfig(16, 32, num_warps=4, num_stages=2))
 _PREFILL_TILES = (TileConfig(128, 128, num_warps=8, num_stages=3), TileConfig(128, 64, num_warps=8, num_stages=3),
                   TileConfig(64, 64, num_warps=4, num_stages=2))
 _PREFILL_TILES_D256 = (TileConfig(64, 32, num_warps=4, num_stages=2), TileConfig(32, 32, num_warps=4, num_stages=1))
@@ -57,7 +57,9 @@ def tile_configs(head_dim: int, heads: int, max_query_len: int) -> tuple[TileCon
     if rows <= 64:
         # Decode / speculative verification: memory-bound, stream K/V.
         block_m = max(16, next_pow2(rows))
-        return tuple(TileConfig(block_m, t.block_n, t.num_warps, t.num_stages) for t in _DECODE_TILES)
+        # Two warps stream a 16-row tile best; more rows (speculative tokens) want four.
+        return tuple(TileConfig(block_m, t.block_n, max(t.num_warps, 4 if block_m > 16 else 1), t.num_stages)
+                     for t in _DECODE_TILES)
     table = _PREFILL_TILES if max(16, next_pow2(head_dim)) <= 128 else _PREFILL_TILES_D256
     return tuple(TileConfig(max(t.block_m, next_pow2(heads)), t.block_n, t.num_warps, t.num_stages) for t in table)
 
