@@ -103,6 +103,15 @@ def test_split_plan_is_used_for_long_contexts_on_a_big_gpu():
           torch.float16)
 
 
+def test_last_split_reaches_the_end_of_the_sequence():
+    # A plan whose splits cover less than the context must still see every key.
+    request, pages, meta, query = make_inputs(CASES[2], "float32", device=DEVICE)  # lengths 200 and 7
+    backend = TritonPagedAttention(request)
+    plan = LaunchPlan(TileConfig(16, 16, num_warps=4, num_stages=1), backend.heads, 3, 32)
+    check(backend.forward(query, pages, meta, plan=plan),
+          ReferenceAttention(request).forward(query.float(), pages, meta), torch.float32)
+
+
 def test_fresh_inputs_give_fresh_outputs():
     # Guards against a cached or constant result: two seeds, two answers, both right.
     outs = []

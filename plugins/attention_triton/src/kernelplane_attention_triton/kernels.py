@@ -191,7 +191,8 @@ def paged_attention_kernel(
     t1 = tl.minimum(t1, t3)
     if SPLIT:
         s0 = split * (tokens_per_split // BLOCK_N)
-        s1 = s0 + tokens_per_split // BLOCK_N
+        # The last split runs to the end, whatever max_seq_len the host planned with.
+        s1 = tl.where(split == tl.num_programs(2) - 1, t3, s0 + tokens_per_split // BLOCK_N)
         t0 = tl.maximum(t0, s0)
         t1 = tl.maximum(t1, s0)
         t2 = tl.minimum(t2, s1)
