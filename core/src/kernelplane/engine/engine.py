@@ -25,6 +25,7 @@ from ..kv_cache import AttentionMetadata, KVPages, allocate_plain_pages, torch_d
 from ..selection import Selection, select
 from ..spec.verify import greedy_accept, rejection_sample
 from .block_allocator import BlockAllocator
+from .cuda_graphs import DecodeGraphs
 from .detokenizer import IncrementalDetokenizer
 from .params import PromptTooLongError, QueueFullError, RequestOutput, SamplingParams
 from .request import Request
@@ -54,6 +55,7 @@ class EngineConfig(BaseModel):
     speculative_options: dict = Field(default_factory=dict)
     max_num_batched_tokens: int = Field(default=2048, ge=1)
     strict: bool = False
+    enforce_eager: bool = Field(default=False, description="never replay decode steps as CUDA graphs")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -108,11 +110,20 @@ class LLMEngine:
             self.proposer = ssel.implementation
 
         self.kv_caches = self._allocate_cache(kv_format, quantizer)
-        self.allocator = BlockAllocator(self.num_kv_blocks)
+        self.decode_graphs = None
+        usable_blocks = self.num_kv_blocks
+        if self.device == "cuda" and not config.enforce_eager and getattr(self.attention, "supports_cuda_graphs", False):
+            usable_blocks -= 1  # the last block takes the padding rows' writes
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_model_len,
+                                              self.block_size, scratch_block=usable_blocks, device=self.device)
+            self.decode_graphs.capture()
+        self.allocator = BlockAllocator(usable_blocks)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.counters = collections.Counter()
+        # Requests the scheduler had to stop (they cannot fit the cache): reported by the next step().
+        self._stopped_by_scheduler: list[Request] = []
         log.info("engine: %s %s, attention=%s, KV cache %s: %d blocks x %d tokens (%.1f MiB)", self.device, self.dtype,
                  asel.chosen.name, kv_format, self.num_kv_blocks, self.block_size, self.kv_cache_bytes / 2**20)
 
@@ -265,6 +276,7 @@ class LLMEngine:
                 if victim is req and len(self.running) == 1:
                     log.warning("request %s needs more KV blocks than the cache has: stopping it", req.request_id)
                     self._finish(req, "length")
+                    self._stopped_by_scheduler.append(req)
                     break
                 self._preempt(victim)
                 if victim is req:
@@ -286,8 +298,10 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         items = self._schedule()
+        stopped, self._stopped_by_scheduler = self._stopped_by_scheduler, []
+        outputs = [req.output([], None) for req in stopped]  # their final output, so no stream waits forever
         if not items:
-            return []
+            return outputs
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, seq_lens, tables = [], [], []
@@ -304,12 +318,15 @@ class LLMEngine:
             if nc + n == len(req.token_ids):  # caught up: sample after the last real token and each draft
                 logit_rows += range(start + n - 1, start + len(toks))
         dev = self.device
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, dev)
-        hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta)
+        if (self.decode_graphs is not None and len(input_ids) == len(items)
+                and len(logit_rows) == len(items) and self.decode_graphs.padded_size(len(items))):
+            hidden = self.decode_graphs.run(input_ids, positions, tables)  # every sequence decodes one token
+        else:
+            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, dev)
+            hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]) if logit_rows else None
         self.counters["prompt_tokens"] += sum(n for (r, n, d) in items if len(r.token_ids) - r.num_computed > 1)
 
-        outputs = []
         row = 0
         now = time.time()
         for req, n, d in items:

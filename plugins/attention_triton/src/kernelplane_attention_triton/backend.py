@@ -34,6 +34,10 @@ class LaunchPlan:
 class TritonPagedAttention:
     """Paged MHA/GQA/MQA attention in Triton; see ``kernels`` for the algorithm."""
 
+    # forward() never syncs with the device and reads lengths from device
+    # memory, so the engine may capture it in CUDA graphs.
+    supports_cuda_graphs = True
+
     def __init__(self, request: AttentionRequest, sm_count: Optional[int] = None):
         self.request = request
         self.group = request.num_heads // request.num_kv_heads
