@@ -25,7 +25,7 @@ from ..kv_cache import AttentionMetadata, KVPages, allocate_plain_pages, torch_d
 from ..selection import Selection, select
 from ..spec.verify import greedy_accept, rejection_sample
 from .block_allocator import BlockAllocator
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import StepGraphs
 from .detokenizer import IncrementalDetokenizer
 from .params import PromptTooLongError, QueueFullError, RequestOutput, SamplingParams
 from .request import Request
@@ -110,13 +110,18 @@ class LLMEngine:
             self.proposer = ssel.implementation
 
         self.kv_caches = self._allocate_cache(kv_format, quantizer)
-        self.decode_graphs = None
+        # CUDA graphs by tokens per sequence: 1 (decode), 1 + k (verifying k drafts).
+        self.step_graphs: dict[int, StepGraphs] = {}
         usable_blocks = self.num_kv_blocks
         if self.device == "cuda" and not config.enforce_eager and getattr(self.attention, "supports_cuda_graphs", False):
             usable_blocks -= 1  # the last block takes the padding rows' writes
-            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, self.max_model_len,
-                                              self.block_size, scratch_block=usable_blocks, device=self.device)
-            self.decode_graphs.capture()
+            pool = None
+            for q in sorted({1, 1 + config.num_speculative_tokens if self.proposer else 1}, reverse=True):
+                g = StepGraphs(self.model, self.kv_caches, config.max_num_seqs, q, self.max_model_len,
+                               self.block_size, scratch_block=usable_blocks, device=self.device, pool=pool)
+                g.capture()
+                pool = g.pool
+                self.step_graphs[q] = g
         self.allocator = BlockAllocator(usable_blocks)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -255,7 +260,16 @@ class LLMEngine:
         limits = [max(0, min(k, r.params.max_tokens - r.num_output - 1, self.max_model_len - len(r.token_ids) - 1))
                   for r in ready]
         drafts = self.proposer.propose([r.request_id for r in ready], limits)
-        return {r.request_id: list(d)[:lim] for r, d, lim in zip(ready, drafts, limits) if d and lim}
+        vocab = self.model_config.vocab_size
+        out = {}
+        for r, d, lim in zip(ready, drafts, limits):
+            d = list(d)[:lim]
+            # A draft stops at its first id outside the vocabulary (e.g. -1 padding): it must never reach the embedding.
+            bad = next((i for i, t in enumerate(d) if not 0 <= t < vocab), None)
+            d = d if bad is None else d[:bad]
+            if d:
+                out[r.request_id] = d
+        return out
 
     def _schedule(self) -> list[tuple[Request, int, list[int]]]:
         budget = self.config.max_num_batched_tokens
@@ -318,9 +332,10 @@ class LLMEngine:
             if nc + n == len(req.token_ids):  # caught up: sample after the last real token and each draft
                 logit_rows += range(start + n - 1, start + len(toks))
         dev = self.device
-        if (self.decode_graphs is not None and len(input_ids) == len(items)
-                and len(logit_rows) == len(items) and self.decode_graphs.padded_size(len(items))):
-            hidden = self.decode_graphs.run(input_ids, positions, tables)  # every sequence decodes one token
+        graphs = self._graphs_for(items, len(logit_rows), len(input_ids))
+        if graphs is not None:
+            hidden = graphs.run([r.token_ids[r.num_computed:r.num_computed + 1] + d for r, n, d in items],
+                                [r.num_computed for r, n, d in items], tables)
         else:
             meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, dev)
             hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta)
@@ -362,6 +377,19 @@ class LLMEngine:
             outputs.append(req.output(new_ids, new_lp))
         return outputs
 
+    def _graphs_for(self, items, num_logit_rows: int, num_tokens: int):
+        """The captured graphs that can run this step, if any: every sequence
+        must be decoding (one real input token, plus its drafts)."""
+        if not self.step_graphs or num_logit_rows != num_tokens:
+            return None
+        if any(n != 1 for _, n, _ in items):
+            return None
+        longest = max(1 + len(d) for _, _, d in items)
+        q = min((q for q in self.step_graphs if q >= longest), default=None)
+        if q is None or self.step_graphs[q].padded_size(len(items)) is None:
+            return None
+        return self.step_graphs[q]
+
     def _append(self, req: Request, tokens: list[int]) -> list[int]:
         """Append sampled tokens, stopping at the first stop condition."""
         p = req.params
@@ -380,14 +408,23 @@ class LLMEngine:
 
     # ---- conveniences ---------------------------------------------------
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
-        """Run prompts to completion (offline use); outputs in prompt order."""
+        """Run prompts to completion (offline use); outputs in prompt order.
+
+        Each final output carries the logprobs of all its tokens (a step's
+        output carries only those of its new tokens).
+        """
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, plist)]
         final: dict[str, RequestOutput] = {}
+        logprobs: dict[str, list[dict]] = collections.defaultdict(list)
         while self.has_unfinished_requests():
             for out in self.step():
+                logprobs[out.request_id] += out.logprobs or []
                 if out.finished:
                     final[out.request_id] = out
+        for rid, sp in zip(ids, plist):
+            if sp.logprobs is not None:
+                final[rid].logprobs = logprobs[rid]
         return [final[i] for i in ids]
 
     def stats(self) -> dict:
