@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Optional
 
 from ..selection import SelectionError
 
@@ -26,49 +27,60 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="a backend that fails to build is an error, not a fallback")
 
 
-def engine_config_from_args(args):
-    from ..engine import EngineConfig
-
-    method, k, options = args.speculative, args.num_speculative_tokens, {}
+def _speculative_settings(args) -> tuple[Optional[str], Optional[int], dict]:
+    """(method, k, options) from --speculative-config, where --speculative / --num-speculative-tokens win."""
+    spec: dict = {}
     if args.speculative_config:
         try:
             spec = json.loads(args.speculative_config)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--speculative-config is not valid JSON: {exc}") from exc
-        if not isinstance(spec, dict) or "method" not in spec:
-            raise ValueError('--speculative-config must be a JSON object with a "method"')
-        method = method or spec.pop("method")
-        spec.pop("method", None)
-        k = k or spec.pop("num_speculative_tokens", None)
-        options = spec
+        if not isinstance(spec, dict) or not (spec.get("method") or args.speculative):
+            raise ValueError('--speculative-config must be a JSON object with a "method", e.g. '
+                             '\'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    method = args.speculative or spec.pop("method", None)
+    spec.pop("method", None)
+    k = args.num_speculative_tokens or spec.pop("num_speculative_tokens", None)
+    spec.pop("num_speculative_tokens", None)
+    if k is not None and method is None:
+        raise ValueError("--num-speculative-tokens needs a method: --speculative METHOD (e.g. ngram)")
+    return method, k, spec
+
+
+def engine_config_from_args(args):
+    from ..engine import EngineConfig
+
+    method, k, options = _speculative_settings(args)
     kwargs = dict(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                   max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
                   kv_cache_dtype=args.kv_cache_dtype, speculative_method=method, speculative_options=options,
                   strict=args.strict)
-    if k:
+    if k is not None:
         kwargs["num_speculative_tokens"] = k
     return EngineConfig(**kwargs)
 
 
-def _build_engine(args, log):
+def _build_engine(args):
     from ..engine import LLMEngine
     from ..models import ModelLoadError
 
     try:
         return LLMEngine(engine_config_from_args(args))
-    except SelectionError as exc:
-        print(f"kernelplane: {exc}", file=sys.stderr)
-    except (ModelLoadError, ValueError) as exc:
+    except (SelectionError, ModelLoadError, ValueError) as exc:  # bad flags or model: say why, no traceback
         print(f"kernelplane: {exc}", file=sys.stderr)
     return None
 
 
 def _log_selection(engine) -> None:
+    """The start-up kernel table: per capability, every candidate, its verdict and why."""
+    from ..hardware import probe_hardware
     from ..selection import format_rows
 
+    print(f"hardware: {probe_hardware().describe()}", file=sys.stderr)
     for cap, sel in engine.selections.items():
-        print(format_rows(sel.rows(), title=f"== {cap}: {sel.chosen.name}"), file=sys.stderr)
+        override = f"  (override {sel.override})" if sel.override else ""
+        print(format_rows(sel.rows(), title=f"== {cap}: {sel.chosen.name}{override}"), file=sys.stderr)
 
 
 def _serve(args) -> int:
@@ -79,7 +91,7 @@ def _serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("kernelplane")
-    engine = _build_engine(args, log)
+    engine = _build_engine(args)
     if engine is None:
         return 2
     _log_selection(engine)
@@ -98,30 +110,36 @@ def _generate(args) -> int:
     from ..engine import SamplingParams
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    engine = _build_engine(args, logging.getLogger("kernelplane"))
+    engine = _build_engine(args)
     if engine is None:
         return 2
-    prompt = args.prompt
-    if args.chat:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed)
     try:
-        rid = engine.add_request(None, prompt, params)
-    except ValueError as exc:
+        prompt = args.prompt
+        if args.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos)
+        request_id = engine.add_request(None, prompt, params)
+    except ValueError as exc:  # a bad sampling flag, a prompt too long, no chat template
         print(f"kernelplane: {exc}", file=sys.stderr)
         return 2
     final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            sys.stdout.write(out.delta_text)
-            sys.stdout.flush()
-            if out.finished and out.request_id == rid:
-                final = out
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                sys.stdout.write(out.delta_text)
+                sys.stdout.flush()
+                if out.finished and out.request_id == request_id:
+                    final = out
+    except KeyboardInterrupt:
+        engine.abort_request(request_id)
+        sys.stdout.write("\n")
+        return 130
     sys.stdout.write("\n")
-    if final is not None and final.metrics.get("num_spec_steps"):
-        m = final.metrics
-        print(f"speculative: {m['num_accepted_tokens']}/{m['num_draft_tokens']} drafts accepted", file=sys.stderr)
+    m = final.metrics if final is not None else {}
+    if m.get("num_spec_steps"):
+        print(f"speculative: {m['num_accepted_tokens']}/{m['num_draft_tokens']} drafts accepted in "
+              f"{m['num_spec_steps']} verification steps", file=sys.stderr)
     return 0
 
 
@@ -142,5 +160,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.set_defaults(func=_generate)
