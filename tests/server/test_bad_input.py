@@ -41,7 +41,8 @@ def assert_error(response, status: int, *needles: str, param=None, code=None) ->
 
 @pytest.mark.parametrize("raw, status, needles, param", [
     ("{not json", 400, ["malformed JSON"], None),
-    ("[1, 2]", 400, ["invalid request"], None),
+    ("[1, 2]", 400, ["must be a JSON object"], None),
+    ("", 400, ["must be a JSON object"], None),
     ('{"model": "tiny-llama", "prompt": "hi", "max_tokens": -1}', 400, ["max_tokens", "-1"], "max_tokens"),
     ('{"model": "tiny-llama", "prompt": "hi", "max_tokens": 0}', 400, ["max_tokens"], "max_tokens"),
     ('{"model": "tiny-llama", "prompt": "hi", "max_tokens": "many"}', 400, ["max_tokens"], "max_tokens"),

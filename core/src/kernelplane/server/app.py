@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import uuid
 from typing import AsyncIterator, Optional
 
@@ -35,9 +36,10 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str = "default", api_k
     max_model_len = llm.max_model_len
     install_error_handlers(app, metrics.request_rejected)
 
-    def require_api_key(request: Request) -> None:
+    async def require_api_key(request: Request) -> None:
         # Only /v1 needs the key: health probes and metric scrapers carry none.
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if api_key and not secrets.compare_digest(given, f"Bearer {api_key}".encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 

@@ -50,6 +50,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, Optional[str
         detail = errors[0].get("ctx", {}).get("error") or errors[0].get("msg")
         return f"malformed JSON body: {detail}", None
 
+    if not [p for p in errors[0].get("loc", ()) if p != "body"]:  # the body as a whole is wrong
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+
     def where(e: dict) -> str:
         return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
 
