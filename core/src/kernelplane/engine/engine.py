@@ -414,10 +414,17 @@ class LLMEngine:
         output carries only those of its new tokens).
         """
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, plist)]
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        # Check every prompt before running any, then feed them as the bounded waiting queue drains.
+        pending = collections.deque((self.tokenize_prompt(p), sp.validate()) for p, sp in zip(prompts, plist))
+        ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[dict]] = collections.defaultdict(list)
-        while self.has_unfinished_requests():
+        while pending or self.has_unfinished_requests():
+            while pending and (len(self.waiting) < self.config.max_waiting or not ids):
+                prompt_ids, sp = pending.popleft()
+                ids.append(self.add_request(None, None, sp, prompt_ids=prompt_ids))
             for out in self.step():
                 logprobs[out.request_id] += out.logprobs or []
                 if out.finished:

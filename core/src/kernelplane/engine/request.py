@@ -11,7 +11,7 @@ from .detokenizer import IncrementalDetokenizer
 from .params import RequestOutput, SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field comparison: `req in running` stays cheap
 class Request:
     request_id: str
     prompt_ids: list[int]
