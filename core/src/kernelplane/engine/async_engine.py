@@ -48,7 +48,7 @@ class AsyncLLMEngine:
             self._thread = None
 
     def stats(self) -> dict:
-        return {**self.engine.stats(), "num_pending": self._inbox.qsize()}
+        return {**self.engine.stats(), "num_pending": self._pending}
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
@@ -57,10 +57,11 @@ class AsyncLLMEngine:
         params.validate()
         prompt_ids = self.engine.tokenize_prompt(prompt)  # raises PromptTooLongError / ValueError here
         with self._lock:
-            if len(self.engine.waiting) + self._inbox.qsize() >= self.engine.config.max_waiting:
+            if len(self.engine.waiting) + self._pending >= self.engine.config.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.engine.config.max_waiting} requests); try again later")
             stream: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
+            self._pending += 1  # adds not yet seen by the engine thread count as waiting
         self._inbox.put(("add", request_id, prompt_ids, params))
         self._wake.set()
         finished = False
@@ -96,6 +97,8 @@ class AsyncLLMEngine:
                 return
             if msg[0] == "add":
                 _, rid, prompt_ids, params = msg
+                with self._lock:
+                    self._pending -= 1
                 try:
                     self.engine.add_request(rid, None, params, prompt_ids=prompt_ids)
                 except Exception as exc:
