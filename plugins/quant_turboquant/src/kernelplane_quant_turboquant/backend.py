@@ -1,0 +1,177 @@
+"""The ``AttentionBackend`` over TurboQuant pages: checks inputs, plans, launches.
+
+Every launch parameter is known on the host (shapes, ``max_query_len``,
+``max_seq_len``), so ``forward`` never waits on the device.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kernelplane import AttentionMetadata, AttentionRequest, KVPages
+
+import triton.language as tl
+
+from . import kernels
+from .quantizer import TurboQuantKVQuantizer
+
+_LOG2E = 1.4426950408889634
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+# Decode-like batches (few query rows per KV head) stream the cache; split the
+# KV range across programs until about this many programs run per SM, each
+# split at least MIN_TOKENS_PER_SPLIT long.
+TARGET_PROGRAMS_PER_SM = 2.0
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 128
+DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the decode plan
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    block_m: int  # query rows per program (tokens x GQA group)
+    block_q: int  # query tokens per program
+    block_n: int  # keys per loop step
+    splits: int
+    tokens_per_split: int
+    num_warps: int = 4
+    num_stages: int = 2
+    lookup: int = 1  # kernels._centroids: 0 table gather, 1 select tree
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class TurboQuantAttention:
+    """Paged MHA/GQA/MQA attention over ``turboquant{2,3,4}`` pages in Triton."""
+
+    def __init__(self, request: AttentionRequest, sm_count: Optional[int] = None):
+        self.request = request
+        self.group = request.num_heads // request.num_kv_heads
+        self.sm_count = sm_count
+        self._operands: dict = {}
+
+    # ---- planning -------------------------------------------------------
+    def plan(self, meta: AttentionMetadata, block_n: int = 64, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
+             min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: int = 4, num_stages: int = 2,
+             lookup: int = 1, splits: Optional[int] = None) -> LaunchPlan:
+        """The launch for this batch; the keyword arguments let tests and benchmarks sweep."""
+        max_q = max(1, meta.max_query_len)
+        if max_q * self.group <= DECODE_MAX_ROWS:
+            block_q = max_q
+            block_m = max(16, next_pow2(max_q * self.group))
+        else:
+            block_m = max(64, next_pow2(self.group))
+            block_q = block_m // self.group
+        max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
+        whole = max(block_n, math.ceil(max_kv / block_n) * block_n)
+        if splits is None:
+            splits = 1
+            if self.sm_count and max_q * self.group <= DECODE_MAX_ROWS:
+                programs = meta.num_seqs * math.ceil(max_q / block_q) * self.request.num_kv_heads
+                want = math.ceil(programs_per_sm * self.sm_count / max(programs, 1))
+                splits = max(1, min(want, MAX_SPLITS, max_kv // max(min_tokens_per_split, 1)))
+        per_split = math.ceil(math.ceil(max_kv / max(splits, 1)) / block_n) * block_n if splits > 1 else whole
+        splits = max(1, math.ceil(max_kv / per_split))
+        return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup)
+
+    # ---- per-quantizer operands -------------------------------------------
+    def _tensors_for(self, quantizer: TurboQuantKVQuantizer, device: torch.device) -> dict:
+        key = (id(quantizer), str(device))
+        if key not in self._operands:
+            def hi_lo(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                m = m.to(device=device, dtype=torch.float32).contiguous()
+                hi = m.to(torch.bfloat16)
+                return hi, (m - hi.float()).to(torch.bfloat16)
+
+            kc, vc = quantizer.key_codec, quantizer.value_codec
+            q_hi, q_lo = hi_lo(kc.rotation.matrix(dtype=torch.float64).T)  # q @ R_k^T
+            o_hi, o_lo = hi_lo(vc.rotation.matrix(dtype=torch.float64))  # out_rot @ R_v
+            self._operands[key] = dict(
+                quantizer=quantizer,  # keeps id() valid while cached
+                k_table=kc.table.to(device), v_table=vc.table.to(device),
+                q_hi=q_hi, q_lo=q_lo, o_hi=o_hi, o_lo=o_lo,
+                k_bits=kc.bits, v_bits=vc.bits,
+            )
+        return self._operands[key]
+
+    # ---- the hot path ---------------------------------------------------
+    def forward(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata,
+                plan: Optional[LaunchPlan] = None) -> torch.Tensor:
+        self._check(query, pages, meta)
+        req = self.request
+        num_tokens = query.shape[0]
+        out = torch.empty(num_tokens, req.num_heads, req.v_dim, dtype=query.dtype, device=query.device)
+        if num_tokens == 0 or meta.num_seqs == 0:
+            return out
+        plan = plan or self.plan(meta)
+        ops = self._tensors_for(pages.quantizer, query.device)
+        t = pages.tensors
+        kc, kn, vc, vn = t["key_codes"], t["key_norm"], t["value_codes"], t["value_norm"]
+        partial = torch.empty(num_tokens, req.num_heads, plan.splits, req.v_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(num_tokens, req.num_heads, plan.splits, dtype=torch.float32, device=query.device)
+        rot_chunk = min(32, req.head_dim, req.v_dim)
+        max_q = max(1, meta.max_query_len)
+        grid = (meta.num_seqs, math.ceil(max_q / plan.block_q), req.num_kv_heads * plan.splits)
+        kernels.turboquant_attention_kernel[grid](
+            query, partial, lse,
+            kc, kn, vc, vn, ops["k_table"], ops["v_table"], ops["q_hi"], ops["q_lo"],
+            meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            req.num_kv_heads, req.softmax_scale * _LOG2E / math.sqrt(req.head_dim), 1.0 / math.sqrt(req.v_dim),
+            req.sliding_window or 0, plan.tokens_per_split,
+            query.stride(0), query.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1),
+            meta.block_tables.stride(0),
+            GROUP=self.group, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n,
+            PAGE=pages.block_size, HEAD_DIM=req.head_dim, HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk,
+            K_BITS=ops["k_bits"], V_BITS=ops["v_bits"], LOOKUP=plan.lookup,
+            CAUSAL=req.causal, HAS_WINDOW=req.sliding_window is not None,
+            COMPUTE_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
+            PRECISION="ieee", UPCAST=_INTERPRETED,
+            num_warps=plan.num_warps, num_stages=plan.num_stages,
+        )
+        kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](
+            partial, lse, out, ops["o_hi"], ops["o_lo"], plan.splits,
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            GROUP=self.group, BLOCK_H=max(16, next_pow2(self.group)), BLOCK_S=max(2, next_pow2(plan.splits)),
+            HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk, UPCAST=_INTERPRETED,
+            num_warps=4,
+        )
+        return out
+
+    def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:
+        req = self.request
+        if query.dim() != 3 or query.shape[1] != req.num_heads or query.shape[2] != req.head_dim:
+            raise ValueError(f"query must be [tokens, {req.num_heads}, {req.head_dim}], got {tuple(query.shape)}")
+        if query.stride(2) != 1:
+            raise ValueError("query's last dim must be contiguous")
+        if not isinstance(pages.quantizer, TurboQuantKVQuantizer):
+            raise ValueError(f"turboquant attention reads TurboQuant pages only, got format {pages.format!r}")
+        if pages.num_kv_heads != req.num_kv_heads or pages.head_dim != req.head_dim or pages.head_dim_v != req.v_dim:
+            raise ValueError(f"KV pages hold {pages.num_kv_heads} heads of dims {pages.head_dim}/{pages.head_dim_v}; "
+                             f"the request needs {req.num_kv_heads} heads of dims {req.head_dim}/{req.v_dim}")
+        for name in ("key_codes", "value_codes"):
+            if pages.tensors[name].stride(3) != 1:
+                raise ValueError(f"{name} must be contiguous in its last dim")
+        for name in ("query_start_loc", "seq_lens", "block_tables"):
+            t = getattr(meta, name)
+            if t.dtype != torch.int32:
+                raise ValueError(f"metadata {name} must be int32, got {t.dtype}")
+            if t.device != query.device:
+                raise ValueError(f"metadata {name} is on {t.device}, query on {query.device}")
+            if t.stride(-1) != 1:
+                raise ValueError(f"metadata {name} must be contiguous in its last dim")
+        if meta.query_start_loc.shape[0] != meta.num_seqs + 1:
+            raise ValueError("metadata query_start_loc must have num_seqs + 1 entries")
+        if pages.tensors["key_codes"].device != query.device:
+            raise ValueError(f"KV pages are on {pages.tensors['key_codes'].device}, query on {query.device}")

@@ -1,0 +1,84 @@
+"""The KV-cache formats: layout, honest bytes, write/dequantize, selection."""
+import pytest
+import torch
+
+from kernelplane import AttentionMetadata, KVQuantRequest, SelectionError, override_hardware, select
+from kernelplane.reference.attention import gather_kv
+from kernelplane.testing import KVQuantizerConformance
+from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
+
+
+class TestConformance(KVQuantizerConformance):
+    provider_name = "turboquant"
+    # Relative round-trip error: sqrt(mse per unit vector) plus a margin.
+    formats = {"turboquant2": 0.37, "turboquant3": 0.2, "turboquant4": 0.105}
+
+
+def _quantizer(fmt="turboquant3", heads=2, dim=64, dim_v=None):
+    return TurboQuantKVQuantizer(KVQuantRequest(format=fmt, num_kv_heads=heads, head_dim=dim, head_dim_v=dim_v,
+                                                dtype="float32"))
+
+
+@pytest.mark.parametrize("fmt, bits", [("turboquant2", 2), ("turboquant3", 3), ("turboquant4", 4)])
+def test_bytes_per_token_are_the_real_bytes(fmt, bits):
+    q = _quantizer(fmt, heads=8, dim=128)
+    pages = q.allocate(4, 16, 8, 128, 128, "cpu")
+    expected = 8 * 2 * (128 * bits // 8 + 2)  # K and V: codes + a float16 norm, per head
+    assert q.bytes_per_token(8, 128, 128) == expected == pages.bytes_per_token()
+    assert {n: t.dtype for n, t in pages.tensors.items()} == {
+        "key_codes": torch.uint8, "key_norm": torch.float16, "value_codes": torch.uint8, "value_norm": torch.float16}
+    # Leading dims follow the layout; storage is head-major within a page.
+    assert pages.tensors["key_codes"].shape == (4, 16, 8, 128 * bits // 8)
+    assert pages.tensors["key_norm"].shape == (4, 16, 8)
+    assert pages.tensors["key_codes"].permute(0, 2, 1, 3).is_contiguous()
+    assert pages.quantizer is q and pages.format == fmt
+
+
+def test_write_then_dequantize_matches_the_codec():
+    q = _quantizer(dim=64, dim_v=32)
+    pages = q.allocate(3, 4, 2, 64, 32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    key, value = torch.randn(5, 2, 64, generator=gen), torch.randn(5, 2, 32, generator=gen)
+    slots = torch.tensor([9, 0, 3, 4, 11])  # scattered over blocks 0..2
+    q.write(pages, key, value, slots)
+    k, v = q.dequantize(pages, torch.tensor([2, 0, 1]))
+    assert k.shape == (3, 4, 2, 64) and v.shape == (3, 4, 2, 32)
+    flat_k = torch.cat([k[1], k[2], k[0]]).reshape(12, 2, 64)  # blocks back in slot order
+    flat_v = torch.cat([v[1], v[2], v[0]]).reshape(12, 2, 32)
+    assert torch.allclose(flat_k[slots], q.key_codec.decode(*q.key_codec.encode(key)), atol=1e-5)
+    assert torch.allclose(flat_v[slots], q.value_codec.decode(*q.value_codec.encode(value)), atol=1e-5)
+
+
+def test_reference_attention_reads_the_pages_through_dequantize():
+    q = _quantizer()
+    pages = q.allocate(2, 16, 2, 64, 64, "cpu")
+    meta = AttentionMetadata.build([20], [20], [[1, 0]], 16)
+    key = torch.randn(20, 2, 64)
+    q.write(pages, key, torch.randn(20, 2, 64), meta.slot_mapping)
+    k, _ = gather_kv(pages, torch.tensor([1, 0]))
+    rel = ((k[:20] - key).norm() / key.norm()).item()
+    assert 0.1 < rel < 0.2  # 3 bits: sqrt(0.034) ~ 0.18
+
+
+def test_bad_input():
+    q = _quantizer()
+    with pytest.raises(ValueError, match="built for head dims 64/64"):
+        q.allocate(2, 16, 2, 128, 128, "cpu")
+    pages = q.allocate(2, 16, 2, 64, 64, "cpu")
+    with pytest.raises(ValueError, match="need both key and value"):
+        q.write(pages, torch.randn(1, 2, 64), None, torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"key must be \[tokens, 2, dim\]"):
+        q.write(pages, torch.randn(1, 3, 64), torch.randn(1, 3, 64), torch.tensor([0]))
+    with pytest.raises(ValueError, match="unknown TurboQuant format"):
+        _quantizer("turboquant7")
+
+
+def test_selected_for_its_formats_only(fresh_registry):
+    with override_hardware(device_type="cpu", triton_mode="unavailable"):
+        sel = select("kv_quantizer", KVQuantRequest(format="turboquant4", num_kv_heads=2, head_dim=64))
+        assert sel.chosen.name == "turboquant" and sel.chosen.plugin == "kernelplane-quant-turboquant"
+        assert isinstance(sel.implementation, TurboQuantKVQuantizer)
+        sel = select("kv_quantizer", KVQuantRequest(format="int8", num_kv_heads=2, head_dim=64))
+        assert sel.chosen.name == "rtn"
+        with pytest.raises(SelectionError, match=r"turboquant .*refused: head_dim 60 not supported \(a multiple of 8\)"):
+            select("kv_quantizer", KVQuantRequest(format="turboquant2", num_kv_heads=2, head_dim=60))
