@@ -169,8 +169,22 @@ def smollm2_hf_tokenizer():
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
+_GREEDY_CACHE: dict[tuple, list[int]] = {}
+
+
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy continuation of one prompt: argmax every step (EOS included), never stopping early."""
+    """transformers' greedy continuation of one prompt: argmax every step (EOS included), never stopping early.
+
+    Memoized (the zoo's models live for the session): SmolLM2 on CPU is slow
+    and several test files ask for the same continuations.
+    """
+    key = (id(hf_model), tuple(prompt_ids), max_new_tokens)
+    if key not in _GREEDY_CACHE:
+        _GREEDY_CACHE[key] = _hf_greedy(hf_model, prompt_ids, max_new_tokens)
+    return list(_GREEDY_CACHE[key])
+
+
+def _hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = hf_model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
         generated = []

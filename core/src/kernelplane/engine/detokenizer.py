@@ -21,9 +21,17 @@ class IncrementalDetokenizer:
     def add(self, new_ids: list[int]) -> None:
         """Append tokens; sets ``stopped`` (and trims ``text``) on a stop string."""
         self.ids.extend(new_ids)
+        self._advance(final=False)
+
+    def flush(self) -> None:
+        """The request ended: bytes held back for an incomplete character become text after all."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            self._advance(final=True)
+
+    def _advance(self, final: bool) -> None:
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        if full.endswith("\ufffd"):
+        if full.endswith("\ufffd") and not final:
             return  # an incomplete multi-byte character: wait for its other bytes
         start = len(self.text)
         self.text += full[len(prefix):]

@@ -225,6 +225,7 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
+        req.detokenizer.flush()
         req.finished_time = time.time()
         if req in self.running:
             self.running.remove(req)

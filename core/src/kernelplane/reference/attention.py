@@ -43,6 +43,8 @@ class ReferenceAttention:
         # q [..., Q, Hq, D], k/v [..., K, Hkv, D]; GQA by repeating KV heads.
         k = k.float().repeat_interleave(self.group, dim=-2)
         v = v.float().repeat_interleave(self.group, dim=-2)
+        # Slots no query may see (padding, unwritten pages) can hold anything, NaN included: 0 * NaN is NaN.
+        v = v.masked_fill(~mask.any(dim=-2)[..., None, None], 0.0)
         scores = torch.einsum("...qhd,...khd->...hqk", q.float(), k) * self.scale
         scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
