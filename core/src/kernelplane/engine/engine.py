@@ -176,9 +176,14 @@ class LLMEngine:
             del req.blocks[keep:]
 
     # ---- requests -------------------------------------------------------
-    def tokenize_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+    def tokenize_prompt(self, prompt: str | Sequence[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context.
+
+        A rendered chat template already holds its special tokens: encode it
+        with ``add_special_tokens=False`` so no second BOS is added.
+        """
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             ids = list(prompt)
             vocab = self.model_config.vocab_size

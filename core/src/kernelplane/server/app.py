@@ -69,9 +69,9 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str = "default", api_k
             raise APIError(404, f"the model {name!r} does not exist: this server serves {served_model_name!r}",
                            param="model", code="model_not_found")
 
-    def tokenize(prompt, param: str) -> list[int]:
+    def tokenize(prompt, param: str, add_special_tokens: bool = True) -> list[int]:
         try:
-            return llm.tokenize_prompt(prompt)
+            return llm.tokenize_prompt(prompt, add_special_tokens)
         except PromptTooLongError as exc:
             raise APIError(400, str(exc), param=param, code="context_length_exceeded") from exc
         except ValueError as exc:
@@ -118,7 +118,7 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str = "default", api_k
             prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as exc:  # a template may refuse a conversation in its own words
             raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-        prompt_ids = tokenize(prompt, "messages")
+        prompt_ids = tokenize(prompt, "messages", add_special_tokens=False)  # the template wrote them
         params = body.sampling_params(max_tokens_for(body.requested_max_tokens, len(prompt_ids), None),
                                       body.num_logprobs)
         call_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -116,7 +116,8 @@ def _generate(args) -> int:
     try:
         prompt = args.prompt
         if args.chat:
-            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = engine.tokenize_prompt(rendered, add_special_tokens=False)  # the template wrote them
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos)
         request_id = engine.add_request(None, prompt, params)
