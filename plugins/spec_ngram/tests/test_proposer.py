@@ -31,6 +31,17 @@ def test_respects_max_tokens_and_k():
     assert p.propose(["r"], [0]) == [[]]
 
 
+def test_disable_by_batch_size():
+    p = make(k=2, prompt_lookup_min=1, prompt_lookup_max=1, disable_by_batch_size=2)
+    for rid in "abc":
+        p.add_request(rid, [4, 5, 4])
+    assert p.propose(["a", "b"], [2, 2]) == [[5, 4], [5, 4]]
+    assert p.propose(["a", "b", "c"], [2, 2, 2]) == [[], [], []]
+    p.extend("a", [5])  # an empty proposal scores nothing
+    assert p.acceptance("a") == (0, 0)
+    assert NgramOptions.from_request(SpecRequest(method="ngram")).disable_by_batch_size is None
+
+
 def test_requests_are_independent():
     p = make(k=2, prompt_lookup_min=1, prompt_lookup_max=2)
     p.add_request("x", [1, 2, 1])
@@ -79,7 +90,7 @@ def test_bad_calls_are_errors():
 
 def test_option_defaults_and_aliases():
     req = lambda **o: SpecRequest(method="ngram", num_speculative_tokens=5, options=o)
-    assert NgramOptions.from_request(req()) == NgramOptions(2, 4, 5, True)
+    assert NgramOptions.from_request(req()) == NgramOptions(2, 4, 5)
     assert NgramOptions.from_request(req(prompt_lookup_min=1, prompt_lookup_max=7)) == NgramOptions(1, 7, 5, True)
     assert NgramOptions.from_request(req(ngram_prompt_lookup_min=3, ngram_prompt_lookup_max=5)) == NgramOptions(3, 5, 5, True)
     # One bound alone pulls the other along when it crosses its default.
@@ -99,6 +110,7 @@ def test_option_defaults_and_aliases():
     ({"prompt_lookup_max": 1000}, "prompt_lookup_max 1000 is above the limit"),
     ({"prompt_lookup_mx": 3}, "unknown ngram option 'prompt_lookup_mx'"),
     ({"backoff": "yes"}, "backoff must be true or false"),
+    ({"disable_by_batch_size": 0}, "disable_by_batch_size must be an integer >= 1"),
     ({"prompt_lookup_max": 3, "ngram_prompt_lookup_max": 4}, "given twice with different values"),
 ])
 def test_bad_options_are_explained(options, message):

@@ -6,6 +6,9 @@
 - ``prompt_lookup_max`` (default 4): the longest suffix tried first.
 - ``backoff`` (default true): cut drafts for requests whose drafts keep
   being rejected (see ``backoff.py``).
+- ``disable_by_batch_size`` (default none): propose nothing while more than
+  this many requests are decoding (the name vLLM uses). Verification costs
+  more at large batches, where drafts stop paying.
 
 The older spellings ``ngram_prompt_lookup_min`` / ``ngram_prompt_lookup_max``
 are accepted too. When only one bound is given and it crosses the other's
@@ -15,7 +18,7 @@ The number of drafts comes from ``SpecRequest.num_speculative_tokens``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 DEFAULT_MIN_N = 2
 DEFAULT_MAX_N = 4
@@ -28,6 +31,7 @@ _ALIASES = {
     "prompt_lookup_max": "prompt_lookup_max",
     "ngram_prompt_lookup_max": "prompt_lookup_max",
     "backoff": "backoff",
+    "disable_by_batch_size": "disable_by_batch_size",
 }
 
 
@@ -37,6 +41,7 @@ class NgramOptions:
     max_n: int = DEFAULT_MAX_N
     num_speculative_tokens: int = 3
     backoff: bool = True
+    disable_by_batch_size: Optional[int] = None
 
     def __post_init__(self):
         for name, value in (("prompt_lookup_min", self.min_n), ("prompt_lookup_max", self.max_n),
@@ -49,6 +54,9 @@ class NgramOptions:
             raise ValueError(f"prompt_lookup_min {self.min_n} is greater than prompt_lookup_max {self.max_n}")
         if not isinstance(self.backoff, bool):
             raise ValueError(f"backoff must be true or false, got {self.backoff!r}")
+        limit = self.disable_by_batch_size
+        if limit is not None and (not _is_int(limit) or limit < 1):
+            raise ValueError(f"disable_by_batch_size must be an integer >= 1 (or null), got {limit!r}")
 
     @classmethod
     def from_request(cls, request: Any) -> "NgramOptions":
@@ -63,7 +71,7 @@ class NgramOptions:
         if hi is None:
             hi = max(DEFAULT_MAX_N, lo)
         return cls(min_n=lo, max_n=hi, num_speculative_tokens=getattr(request, "num_speculative_tokens", 3),
-                   backoff=given.get("backoff", True))
+                   backoff=given.get("backoff", True), disable_by_batch_size=given.get("disable_by_batch_size"))
 
 
 def _canonical(options: Mapping[str, Any]) -> dict[str, Any]:

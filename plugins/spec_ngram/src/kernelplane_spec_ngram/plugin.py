@@ -17,7 +17,8 @@ def supports(request, hardware) -> Verdict:
     except ValueError as exc:
         return Verdict.no(str(exc))
     return Verdict.yes(f"prompt lookup n={opts.min_n}..{opts.max_n}, k={opts.num_speculative_tokens}"
-                       + ("" if opts.backoff else ", no back-off"))
+                       + ("" if opts.backoff else ", no back-off")
+                       + (f", off above batch {opts.disable_by_batch_size}" if opts.disable_by_batch_size else ""))
 
 
 @hookimpl

@@ -52,12 +52,14 @@ class NgramProposer:
     def propose(self, request_ids: Sequence[str], max_tokens: Sequence[int]) -> list[list[int]]:
         if len(request_ids) != len(max_tokens):
             raise ValueError(f"propose() got {len(request_ids)} request ids but {len(max_tokens)} max_tokens")
+        batch_limit = self.options.disable_by_batch_size
+        speculate = batch_limit is None or len(request_ids) <= batch_limit
         drafts = []
         for rid, limit in zip(request_ids, max_tokens):
             if limit < 0:
                 raise ValueError(f"max_tokens for request {rid!r} is negative ({limit})")
             state = self._state(rid)
-            k = min(limit, self.options.num_speculative_tokens)
+            k = min(limit, self.options.num_speculative_tokens) if speculate else 0
             if state.backoff is not None:
                 k = min(k, state.backoff.limit())
             state.last_proposal = state.index.draft(k)
