@@ -2,6 +2,7 @@
 forced KV splits, both centroid lookups, odd GQA groups, several query
 tokens per sequence, windows, empty sequences."""
 import math
+import os
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from kernelplane_quant_turboquant.backend import TurboQuantAttention
 from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+# Interpreted on the CPU; compiled on a GPU under KERNELPLANE_TRITON_COMPILED=1 (see conftest.py).
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
 
 
 def run_case(fmt, num_heads, num_kv_heads, head_dim, query_lens, seq_lens, dtype=torch.float32, block_size=16,
@@ -24,15 +27,16 @@ def run_case(fmt, num_heads, num_kv_heads, head_dim, query_lens, seq_lens, dtype
     num_blocks = sum(need) + 2
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [order[sum(need[:i]):sum(need[:i + 1])] for i in range(len(need))]
-    pages = quantizer.allocate(num_blocks, block_size, num_kv_heads, head_dim, head_dim, "cpu")
+    pages = quantizer.allocate(num_blocks, block_size, num_kv_heads, head_dim, head_dim, DEVICE)
     for t in pages.tensors.values():  # garbage in unwritten slots
         t.copy_(torch.randint(0, 255, t.shape, generator=gen).to(t.dtype))
-    written = AttentionMetadata.build(list(seq_lens), list(seq_lens), tables, block_size)
+    written = AttentionMetadata.build(list(seq_lens), list(seq_lens), tables, block_size, DEVICE)
     scale = torch.rand(sum(seq_lens), num_kv_heads, 1, generator=gen) * 3 + 0.1
-    quantizer.write(pages, torch.randn(sum(seq_lens), num_kv_heads, head_dim, generator=gen) * scale,
-                    torch.randn(sum(seq_lens), num_kv_heads, head_dim, generator=gen), written.slot_mapping)
-    meta = AttentionMetadata.build(list(query_lens), list(seq_lens), tables, block_size)
-    query = (torch.randn(sum(query_lens), num_heads, head_dim, generator=gen) * 2).to(dtype)
+    key = torch.randn(sum(seq_lens), num_kv_heads, head_dim, generator=gen) * scale
+    value = torch.randn(sum(seq_lens), num_kv_heads, head_dim, generator=gen)
+    quantizer.write(pages, key.to(DEVICE), value.to(DEVICE), written.slot_mapping)
+    meta = AttentionMetadata.build(list(query_lens), list(seq_lens), tables, block_size, DEVICE)
+    query = (torch.randn(sum(query_lens), num_heads, head_dim, generator=gen) * 2).to(DEVICE, dtype)
     request = AttentionRequest(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype_name,
                                kv_cache_format=fmt, block_size=block_size, sliding_window=window, causal=causal)
     reference = ReferenceAttention(request).forward(query.float(), pages, meta)
@@ -55,16 +59,16 @@ def test_decode_gqa_group_of_three_bfloat16():  # SmolLM2-135M: 9 query heads ov
 
 
 def test_speculative_tokens_with_splits_and_window():
-    run_case("turboquant4", 4, 2, 32, (3, 1, 2), (90, 40, 2), window=20, splits=3, block_n=16)
+    run_case("turboquant4", 4, 2, 64, (3, 1, 2), (90, 40, 2), window=20, splits=3, block_n=16)
 
 
 def test_prefill_tiles_across_several_programs():
     # GROUP 4 -> 16 tokens per 64-row tile: several query tiles per sequence.
-    run_case("turboquant2", 8, 2, 32, (40, 7), (55, 7), dtype=torch.float16, block_n=16)
+    run_case("turboquant2", 8, 2, 64, (40, 7), (55, 7), dtype=torch.float16, block_n=16)
 
 
 def test_non_causal_and_an_empty_sequence():
-    run_case("turboquant3", 4, 4, 16, (2, 0, 5), (9, 0, 20), causal=False, block_size=8)
+    run_case("turboquant3", 4, 4, 64, (2, 0, 5), (9, 0, 20), causal=False, block_size=8)
 
 
 def test_value_written_per_split_even_when_a_split_is_empty():
@@ -73,18 +77,20 @@ def test_value_written_per_split_even_when_a_split_is_empty():
 
 
 def test_bad_input():
-    request = AttentionRequest(num_heads=4, num_kv_heads=2, head_dim=32, kv_cache_format="turboquant3")
+    request = AttentionRequest(num_heads=4, num_kv_heads=2, head_dim=64, kv_cache_format="turboquant3")
     backend = TurboQuantAttention(request)
     meta = AttentionMetadata.build([1], [1], [[0]], 16)
-    quantizer = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant3", num_kv_heads=2, head_dim=32))
-    pages = quantizer.allocate(1, 16, 2, 32, 32, "cpu")
-    with pytest.raises(ValueError, match=r"query must be \[tokens, 4, 32\]"):
-        backend.forward(torch.randn(1, 2, 32), pages, meta)
+    quantizer = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant3", num_kv_heads=2, head_dim=64))
+    pages = quantizer.allocate(1, 16, 2, 64, 64, "cpu")
+    with pytest.raises(ValueError, match=r"query must be \[tokens, 4, 64\]"):
+        backend.forward(torch.randn(1, 2, 64), pages, meta)
     from kernelplane.kv_cache import allocate_plain_pages
-    plain = allocate_plain_pages(1, 16, 2, 32, 32, torch.float32, "cpu")
+    plain = allocate_plain_pages(1, 16, 2, 64, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="TurboQuant pages only"):
-        backend.forward(torch.randn(1, 4, 32), plain, meta)
+        backend.forward(torch.randn(1, 4, 64), plain, meta)
     bad_meta = AttentionMetadata.build([1], [1], [[0]], 16)
     bad_meta.seq_lens = bad_meta.seq_lens.long()
     with pytest.raises(ValueError, match="seq_lens must be int32"):
-        backend.forward(torch.randn(1, 4, 32), pages, bad_meta)
+        backend.forward(torch.randn(1, 4, 64), pages, bad_meta)
+    with pytest.raises(ValueError, match="not for float32 queries"):
+        backend.forward(torch.randn(1, 4, 64), pages, meta, plan=backend.plan(meta, lookup=2))

@@ -80,5 +80,5 @@ def test_selected_for_its_formats_only(fresh_registry):
         assert isinstance(sel.implementation, TurboQuantKVQuantizer)
         sel = select("kv_quantizer", KVQuantRequest(format="int8", num_kv_heads=2, head_dim=64))
         assert sel.chosen.name == "rtn"
-        with pytest.raises(SelectionError, match=r"turboquant .*refused: head_dim 60 not supported \(a multiple of 8\)"):
+        with pytest.raises(SelectionError, match=r"turboquant .*refused: head_dim 60 not supported \(a multiple of 32\)"):
             select("kv_quantizer", KVQuantRequest(format="turboquant2", num_kv_heads=2, head_dim=60))

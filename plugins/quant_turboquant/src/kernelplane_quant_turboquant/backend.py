@@ -17,6 +17,8 @@ from kernelplane import AttentionMetadata, AttentionRequest, KVPages
 import triton.language as tl
 
 from . import kernels
+from .decode_asm import decode_asm
+from .packing import num_fields
 from .quantizer import TurboQuantKVQuantizer
 
 _LOG2E = 1.4426950408889634
@@ -40,7 +42,7 @@ class LaunchPlan:
     tokens_per_split: int
     num_warps: int = 4
     num_stages: int = 2
-    lookup: int = 1  # kernels._centroids: 0 table gather, 1 select tree
+    lookup: int = 1  # kernels._field: 0 table gather, 1 select tree, 2 PTX prmt lookups (NVIDIA)
 
 
 def next_pow2(n: int) -> int:
@@ -55,12 +57,17 @@ class TurboQuantAttention:
         self.group = request.num_heads // request.num_kv_heads
         self.sm_count = sm_count
         self._operands: dict = {}
+        # PTX table lookups where they can run (compiled Triton on NVIDIA, 16-bit queries).
+        nvidia = torch.cuda.is_available() and torch.version.cuda is not None and not _INTERPRETED
+        self.default_lookup = 2 if nvidia and request.dtype != "float32" else 1
 
     # ---- planning -------------------------------------------------------
     def plan(self, meta: AttentionMetadata, block_n: int = 64, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: int = 4, num_stages: int = 2,
-             lookup: int = 1, splits: Optional[int] = None) -> LaunchPlan:
+             lookup: Optional[int] = None, splits: Optional[int] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep."""
+        if lookup is None:
+            lookup = self.default_lookup
         max_q = max(1, meta.max_query_len)
         if max_q * self.group <= DECODE_MAX_ROWS:
             block_q = max_q
@@ -96,7 +103,7 @@ class TurboQuantAttention:
                 quantizer=quantizer,  # keeps id() valid while cached
                 k_table=kc.table.to(device), v_table=vc.table.to(device),
                 q_hi=q_hi, q_lo=q_lo, o_hi=o_hi, o_lo=o_lo,
-                k_bits=kc.bits, v_bits=vc.bits,
+                bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table),
             )
         return self._operands[key]
 
@@ -110,9 +117,12 @@ class TurboQuantAttention:
         if num_tokens == 0 or meta.num_seqs == 0:
             return out
         plan = plan or self.plan(meta)
+        if plan.lookup == 2 and query.dtype == torch.float32:
+            raise ValueError("lookup 2 (PTX) decodes to float16: not for float32 queries")
         ops = self._tensors_for(pages.quantizer, query.device)
         t = pages.tensors
-        kc, kn, vc, vn = t["key_codes"], t["key_norm"], t["value_codes"], t["value_norm"]
+        kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
+        kn, vn = t["key_norm"], t["value_norm"]
         partial = torch.empty(num_tokens, req.num_heads, plan.splits, req.v_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(num_tokens, req.num_heads, plan.splits, dtype=torch.float32, device=query.device)
         rot_chunk = min(32, req.head_dim, req.v_dim)
@@ -125,14 +135,15 @@ class TurboQuantAttention:
             req.num_kv_heads, req.softmax_scale * _LOG2E / math.sqrt(req.head_dim), 1.0 / math.sqrt(req.v_dim),
             req.sliding_window or 0, plan.tokens_per_split,
             query.stride(0), query.stride(1),
-            kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             meta.block_tables.stride(0),
+            kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
             GROUP=self.group, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n,
             PAGE=pages.block_size, HEAD_DIM=req.head_dim, HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk,
-            K_BITS=ops["k_bits"], V_BITS=ops["v_bits"], LOOKUP=plan.lookup,
+            BITS=ops["bits"], FIELDS=num_fields(ops["bits"]), LOOKUP=plan.lookup,
+            K_ASM=ops["k_asm"] if plan.lookup == 2 else "", V_ASM=ops["v_asm"] if plan.lookup == 2 else "",
             CAUSAL=req.causal, HAS_WINDOW=req.sliding_window is not None,
             COMPUTE_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
             PRECISION="ieee", UPCAST=_INTERPRETED,

@@ -14,10 +14,16 @@ A program owns one KV head, ``BLOCK_Q`` query tokens of one sequence and all
 ``m % GROUP``), so each code is decoded once for the whole GQA group.
 Softmax runs in base 2 (scores scaled by ``scale * log2(e)``).
 
-Code layout (see ``packing``): code ``j`` of a row sits in byte
-``j % part_bytes`` of each part, at bit ``p * (j // part_bytes)``.
-Codes are sign-magnitude; ``table[code]`` is the centroid (standard-normal
-units, so decoded unit-vector coordinates are ``table[code] / sqrt(d)``).
+Codes (layout in ``packing``) are read as 32-bit words and decoded one
+field at a time: field ``f`` holds dims ``[f * d/F, (f+1) * d/F)`` and sits
+at the same bit offset in every byte, so a field is a ``[keys, d/F]`` tile
+decoded with constant shifts, and the products run per field (the query is
+rotated into F column slices; the value accumulator is F slices). Codes are
+sign-magnitude; ``table[code]`` is the centroid (standard-normal units, so
+unit-vector coordinates are ``table[code] / sqrt(d)``). ``LOOKUP`` picks the
+decoder: 0 a table gather, 1 a select tree (both portable), 2 byte-permute
+(``prmt``) table lookups in PTX, four codes per instruction pair (NVIDIA
+only; ``decode_asm`` builds its code).
 """
 from __future__ import annotations
 
@@ -38,19 +44,18 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _rotate_rows(x_ptrs, x_mask, rot_hi_ptr, rot_lo_ptr, ROWS: tl.constexpr, DIM: tl.constexpr,
-                 CHUNK: tl.constexpr, UPCAST: tl.constexpr):
-    """``x @ M`` in float32, for ``x [ROWS, DIM]`` read from memory at
-    ``x_ptrs + column`` and ``M = hi + lo`` given as two bfloat16 ``[DIM, DIM]``
-    matrices. Three bfloat16 products per chunk of ``CHUNK`` columns of x
-    carry about 16 bits: a float32-accurate rotation on tensor cores, with
-    only a ``[CHUNK, DIM]`` slice of M live at a time."""
+def _rotate_cols(x_ptrs, x_mask, rot_hi_ptr, rot_lo_ptr, ROWS: tl.constexpr, DIM: tl.constexpr,
+                 COL0: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+    """``(x @ M)[:, COL0:COL0+COLS]`` in float32, for ``x [ROWS, DIM]`` read from
+    memory at ``x_ptrs + column`` and ``M = hi + lo`` given as two bfloat16
+    ``[DIM, DIM]`` matrices. Three bfloat16 products per ``CHUNK`` columns of
+    x carry about 16 bits: float32-accurate, on tensor cores."""
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, DIM)
-    acc = tl.zeros([ROWS, DIM], dtype=tl.float32)
+    offs_o = COL0 + tl.arange(0, COLS)
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
     for c in tl.static_range(0, DIM, CHUNK):
         x = tl.load(x_ptrs + (c + offs_c)[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        m_offs = (c + offs_c)[:, None] * DIM + offs_d[None, :]
+        m_offs = (c + offs_c)[:, None] * DIM + offs_o[None, :]
         m_hi = tl.load(rot_hi_ptr + m_offs)
         m_lo = tl.load(rot_lo_ptr + m_offs)
         x_hi = x.to(tl.bfloat16)
@@ -62,27 +67,23 @@ def _rotate_rows(x_ptrs, x_mask, rot_hi_ptr, rot_lo_ptr, ROWS: tl.constexpr, DIM
 
 
 @triton.jit
-def _load_codes(row_ptr, row_mask, offs_d, BITS: tl.constexpr, DIM: tl.constexpr):
-    """Integer codes ``[rows, DIM]`` of the packed rows starting at ``row_ptr [rows, 1]``."""
-    if BITS == 3:  # a 2-bit part (DIM/4 bytes), then a 1-bit part (DIM/8 bytes)
-        low = tl.load(row_ptr + (offs_d % (DIM // 4))[None, :], mask=row_mask, other=0).to(tl.int32)
-        high = tl.load(row_ptr + (DIM // 4 + offs_d % (DIM // 8))[None, :], mask=row_mask, other=0).to(tl.int32)
-        code = ((low >> (2 * (offs_d // (DIM // 4)))[None, :]) & 3) | (((high >> (offs_d // (DIM // 8))[None, :]) & 1) << 2)
+def _load_words(row_ptr, row_mask, BITS: tl.constexpr, WORDS: tl.constexpr):
+    """The main part ``[rows, WORDS]`` (int32) of packed rows at ``row_ptr [rows]``
+    (an int32 pointer), and for 3 bits the extra word that goes with each main word."""
+    offs_w = tl.arange(0, WORDS)
+    main = tl.load(row_ptr[:, None] + offs_w[None, :], mask=row_mask[:, None], other=0)
+    if BITS == 3:
+        extra = tl.load(row_ptr[:, None] + WORDS + (offs_w % (WORDS // 2))[None, :], mask=row_mask[:, None], other=0)
     else:
-        part: tl.constexpr = DIM * BITS // 8
-        byte = tl.load(row_ptr + (offs_d % part)[None, :], mask=row_mask, other=0).to(tl.int32)
-        code = (byte >> (BITS * (offs_d // part))[None, :]) & ((1 << BITS) - 1)
-    return code
+        extra = main
+    return main, extra
 
 
 @triton.jit
 def _centroids(code, table_ptr, BITS: tl.constexpr, LOOKUP: tl.constexpr):
-    """Centroid values (float32) of integer codes.
-
-    ``LOOKUP == 0``: gather from the table in memory (16 floats: stays in L1).
-    ``LOOKUP == 1``: a select tree over the magnitude bits on values held in
-    registers, then the sign bit set from the code's top bit.
-    """
+    """Centroid values (float32) of integer codes: ``LOOKUP`` 0 gathers from the
+    table in memory (it stays in L1), 1 walks a select tree over the magnitude
+    bits on values held in registers and sets the sign bit from the top bit."""
     if LOOKUP == 0:
         value = tl.load(table_ptr + code)
     else:
@@ -109,30 +110,73 @@ def _centroids(code, table_ptr, BITS: tl.constexpr, LOOKUP: tl.constexpr):
 
 
 @triton.jit
+def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: tl.constexpr,
+           ASM: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Decoded centroids of field ``F`` of a tile of rows: ``[rows, 4 * words]``
+    in ``OUT_DTYPE``; column ``4w + k`` is byte ``k`` of main word ``w``."""
+    rows: tl.constexpr = main.shape[0]
+    words: tl.constexpr = main.shape[1]
+    if BITS == 4:
+        shift: tl.constexpr = 4 * F
+        mask: tl.constexpr = 15
+    else:
+        shift: tl.constexpr = 2 * F
+        mask: tl.constexpr = 3
+    if LOOKUP == 2:
+        # PTX: 4 codes of a word -> 4 float16 through prmt table lookups.
+        shifts = tl.full([1, 1, 4], shift, tl.int32)
+        word = tl.broadcast_to(main[:, :, None], [rows, words, 4])
+        if BITS == 3:
+            extra_shift = 2 * F + (tl.arange(0, words) // (words // 2))[None, :, None] + tl.zeros([1, 1, 4], tl.int32)
+            args = [word, tl.broadcast_to(extra[:, :, None], [rows, words, 4]), shifts, extra_shift]
+            constraints: tl.constexpr = "=r,=r," + ",".join(["r"] * 16)
+        else:
+            args = [word, shifts]
+            constraints: tl.constexpr = "=r,=r," + ",".join(["r"] * 8)
+        value = tl.inline_asm_elementwise(ASM, constraints, args, dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        byte_shift = tl.arange(0, 4) * 8 + shift
+        code = (main[:, :, None] >> byte_shift[None, None, :]) & mask
+        if BITS == 3:
+            top_shift = byte_shift[None, None, :] + (tl.arange(0, words) // (words // 2))[None, :, None]
+            code = code | (((extra[:, :, None] >> top_shift) & 1) << 2)
+        value = _centroids(code, table_ptr, BITS, LOOKUP)
+    return tl.reshape(value, [rows, 4 * words]).to(OUT_DTYPE)
+
+
+@triton.jit
 def turboquant_attention_kernel(
     q_ptr, part_ptr, lse_ptr,
     kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_table_ptr, v_table_ptr, qrot_hi_ptr, qrot_lo_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_kv_heads, score_scale, value_scale, window, tokens_per_split,
     stride_qt, stride_qh,
-    stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
-    stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
     stride_pt, stride_ph, stride_ps,
     stride_lt, stride_lh,
     stride_bt,
+    stride_kcb: tl.constexpr, stride_kct: tl.constexpr, stride_kch: tl.constexpr,
+    stride_knb: tl.constexpr, stride_knt: tl.constexpr, stride_knh: tl.constexpr,
+    stride_vcb: tl.constexpr, stride_vct: tl.constexpr, stride_vch: tl.constexpr,
+    stride_vnb: tl.constexpr, stride_vnt: tl.constexpr, stride_vnh: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, ROT_CHUNK: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, LOOKUP: tl.constexpr,
+    BITS: tl.constexpr, FIELDS: tl.constexpr, LOOKUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Grid: (sequences, query tiles of ``BLOCK_Q`` tokens, KV heads x splits).
 
+    ``kc_ptr``/``vc_ptr`` are the code pages as int32 words (strides in words).
+    The page strides are compile-time constants (fixed per model), so the
+    compiler sees that rows are 16-byte aligned and loads them in wide vectors.
     ``score_scale`` = softmax scale * log2(e) / sqrt(head_dim) and
     ``value_scale`` = 1 / sqrt(head_dim_v) turn centroids into unit-vector
     coordinates. ``COMPUTE_DTYPE``: operand type of the two products
-    (float16, or float32 for float32 queries). Writes rotated partial outputs ``[tokens, heads, splits,
-    head_dim_v]`` (float32) and their base-2 log-sum-exp."""
+    (float16, or float32 for float32 queries). Writes rotated partial outputs
+    ``[tokens, heads, splits, head_dim_v]`` (float32) and their base-2
+    log-sum-exp."""
+    FW: tl.constexpr = HEAD_DIM // FIELDS  # dims per field
+    FWV: tl.constexpr = HEAD_DIM_V // FIELDS
     seq = tl.program_id(0)
     q_tile_start = tl.program_id(1) * BLOCK_Q
     kv_head = tl.program_id(2) % num_kv_heads
@@ -150,14 +194,27 @@ def turboquant_attention_kernel(
     token = (q_begin + q_tile_start + row_token).to(tl.int64)
     q_pos = context + q_tile_start + row_token
 
-    # R q, once. 16-bit queries: the products run in float16 (three more
-    # mantissa bits than bfloat16) on unit-length rows, so nothing overflows;
-    # each row's length multiplies its scores instead.
+    # R q, once, as F column slices (one per field). 16-bit queries: the
+    # products run in float16 (three more mantissa bits than bfloat16) on
+    # unit-length rows, so nothing overflows; each row's length multiplies
+    # its scores instead.
     q_rows = q_ptr + token[:, None] * stride_qt + row_head[:, None] * stride_qh
-    q = _rotate_rows(q_rows, row_valid[:, None], qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, ROT_CHUNK, UPCAST)
-    q_len_row = tl.sqrt(tl.sum(q * q, 1))
-    q = (q / tl.maximum(q_len_row, 1e-30)[:, None]).to(COMPUTE_DTYPE)
-    row_scale = q_len_row * score_scale
+    q_mask = row_valid[:, None]
+    q0 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 0, FW, ROT_CHUNK, UPCAST)
+    q1 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, FW, FW, ROT_CHUNK, UPCAST)
+    q_sq = tl.sum(q0 * q0, 1) + tl.sum(q1 * q1, 1)
+    if FIELDS == 4:
+        q2 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 2 * FW, FW, ROT_CHUNK, UPCAST)
+        q3 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 3 * FW, FW, ROT_CHUNK, UPCAST)
+        q_sq += tl.sum(q2 * q2, 1) + tl.sum(q3 * q3, 1)
+    q_norm = tl.sqrt(q_sq)
+    q_inv = 1.0 / tl.maximum(q_norm, 1e-30)
+    q0 = (q0 * q_inv[:, None]).to(COMPUTE_DTYPE)
+    q1 = (q1 * q_inv[:, None]).to(COMPUTE_DTYPE)
+    if FIELDS == 4:
+        q2 = (q2 * q_inv[:, None]).to(COMPUTE_DTYPE)
+        q3 = (q3 * q_inv[:, None]).to(COMPUTE_DTYPE)
+    row_scale = q_norm * score_scale
 
     # Keys any row of this tile may see, within this program's split.
     first_pos = context + q_tile_start
@@ -173,15 +230,17 @@ def turboquant_attention_kernel(
     kv_hi = tl.where(q_tile_start < q_len, kv_hi, kv_lo)  # spare query tile: nothing to do
 
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kc_head = kc_ptr + kv_head.to(tl.int64) * stride_kch
     kn_head = kn_ptr + kv_head.to(tl.int64) * stride_knh
     vc_head = vc_ptr + kv_head.to(tl.int64) * stride_vch
     vn_head = vn_ptr + kv_head.to(tl.int64) * stride_vnh
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, FWV], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, FWV], dtype=tl.float32)
+    if FIELDS == 4:
+        acc2 = tl.zeros([BLOCK_M, FWV], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, FWV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
@@ -190,11 +249,18 @@ def turboquant_attention_kernel(
         block = tl.load(table_ptr + tok // PAGE, mask=in_range, other=0).to(tl.int64)
         slot = tok % PAGE
 
-        k_code = _load_codes((kc_head + block * stride_kcb + slot * stride_kct)[:, None], in_range[:, None],
-                             offs_d, K_BITS, HEAD_DIM)
-        k = _centroids(k_code, k_table_ptr, K_BITS, LOOKUP).to(q.dtype)
+        k_main, k_extra = _load_words(kc_head + block * stride_kcb + slot * stride_kct, in_range, BITS, FW // 4)
         k_norm = tl.load(kn_head + block * stride_knb + slot * stride_knt, mask=in_range, other=0.0).to(tl.float32)
-        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s = _dot(q0, tl.trans(_field(k_main, k_extra, k_table_ptr, 0, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+                 PRECISION, UPCAST)
+        s = _dot(q1, tl.trans(_field(k_main, k_extra, k_table_ptr, 1, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+                 PRECISION, UPCAST)
+        if FIELDS == 4:
+            s = _dot(q2, tl.trans(_field(k_main, k_extra, k_table_ptr, 2, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+                     PRECISION, UPCAST)
+            s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+                     PRECISION, UPCAST)
         s = s * row_scale[:, None] * k_norm[None, :]
         visible = in_range[None, :] & row_valid[:, None]
         if CAUSAL:
@@ -208,19 +274,30 @@ def turboquant_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        v_code = _load_codes((vc_head + block * stride_vcb + slot * stride_vct)[:, None], in_range[:, None],
-                             offs_dv, V_BITS, HEAD_DIM_V)
-        v = _centroids(v_code, v_table_ptr, V_BITS, LOOKUP).to(q.dtype)
+        v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4)
         v_norm = tl.load(vn_head + block * stride_vnb + slot * stride_vnt, mask=in_range, other=0.0).to(tl.float32)
-        p = (p * (v_norm * value_scale)[None, :]).to(q.dtype)
-        acc = _dot(p, v, acc * alpha[:, None], PRECISION, UPCAST)
+        p = (p * (v_norm * value_scale)[None, :]).to(COMPUTE_DTYPE)
+        acc0 = _dot(p, _field(v_main, v_extra, v_table_ptr, 0, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+                    acc0 * alpha[:, None], PRECISION, UPCAST)
+        acc1 = _dot(p, _field(v_main, v_extra, v_table_ptr, 1, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+                    acc1 * alpha[:, None], PRECISION, UPCAST)
+        if FIELDS == 4:
+            acc2 = _dot(p, _field(v_main, v_extra, v_table_ptr, 2, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+                        acc2 * alpha[:, None], PRECISION, UPCAST)
+            acc3 = _dot(p, _field(v_main, v_extra, v_table_ptr, 3, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+                        acc3 * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
 
     # A row that saw no key (an empty split) yields 0 with log-sum-exp -inf.
     seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    part_ptrs = part_ptr + token[:, None] * stride_pt + row_head[:, None] * stride_ph + split * stride_ps + offs_dv[None, :]
-    tl.store(part_ptrs, out, mask=row_valid[:, None])
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    offs_f = tl.arange(0, FWV)
+    part_ptrs = part_ptr + token[:, None] * stride_pt + row_head[:, None] * stride_ph + split * stride_ps + offs_f[None, :]
+    tl.store(part_ptrs, acc0 * inv_l[:, None], mask=q_mask)
+    tl.store(part_ptrs + FWV, acc1 * inv_l[:, None], mask=q_mask)
+    if FIELDS == 4:
+        tl.store(part_ptrs + 2 * FWV, acc2 * inv_l[:, None], mask=q_mask)
+        tl.store(part_ptrs + 3 * FWV, acc3 * inv_l[:, None], mask=q_mask)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     tl.store(lse_ptr + token * stride_lt + row_head * stride_lh + split, lse, mask=row_valid)
 

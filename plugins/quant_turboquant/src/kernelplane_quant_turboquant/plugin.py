@@ -12,14 +12,14 @@ FORMATS = ["turboquant2", "turboquant3", "turboquant4"]
 PROVIDER_NAME = "turboquant"
 QUANTIZER_PRIORITY = 50
 ATTENTION_PRIORITY = 60  # above plain-format backends: only it reads these pages without dequantizing
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+KERNEL_HEAD_DIMS = (64, 128, 256)
 MAX_GROUP = 64  # query heads per KV head that one program holds
 
 
 def quantizer_supports(request: KVQuantRequest, hardware: Hardware) -> Verdict:
     for what, dim in (("head_dim", request.head_dim), ("head_dim_v", request.v_dim)):
-        if dim < 8 or dim % 8:
-            return Verdict.no(f"{what} {dim} not supported (a multiple of 8)")
+        if dim < 32 or dim % 32:
+            return Verdict.no(f"{what} {dim} not supported (a multiple of 32)")
     return Verdict.yes()
 
 
