@@ -235,7 +235,7 @@ def check_correctness(device, gen, quick):
                     ok = bool(torch.isfinite(out).all()) and err < 1e-2
                 except Exception as exc:
                     err, ok = float("nan"), False
-                    log(f"    {type(exc).__name__}: {str(exc)[:300]}")
+                    log(f"    {type(exc).__name__}: {str(exc)[-1500:]}")
                 rows.append(dict(format=fmt, case=name, lookup=lookup, splits=plan.splits, rel_err=err, ok=ok))
                 log(f"  check {fmt:12s} {name:30s} lookup={lookup} splits={plan.splits:3d} rel err {err:.2e} "
                     f"{'ok' if ok else 'FAIL'}")
@@ -251,6 +251,7 @@ def sweep_configs(lookups):
     configs = []
     if 2 in lookups:
         configs += [dict(lookup=2, block_n=bn, num_warps=w) for bn in (64, 128) for w in (2, 4, 8)]
+        configs.append(dict(lookup=2, block_n=64, num_warps=4, num_stages=3))
     configs.append(dict(lookup=1, block_n=64, num_warps=4))
     return configs
 
@@ -382,11 +383,11 @@ def markdown(env, roofs, checks, best, sweep_rows, decode, have_triton):
     head += "".join(f" {fmt} |" for fmt in FORMATS)
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     lines += [format_decode_row(r, have_triton) for r in decode]
-    lines += ["", "## Sweep rows", "", "| format | B | L | lookup | keys/step | warps | splits | µs | TB/s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Sweep rows", "", "| format | B | L | lookup | keys/step | warps | stages | splits | µs | TB/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sweep_rows:
         lines.append(f"| {r['format']} | {r['batch']} | {r['ctx']} | {r['lookup']} | {r['block_n']} | {r['num_warps']} "
-                     f"| {r['splits']} | {r['us']:.1f} | {r['tb_s']:.2f} |")
+                     f"| {r.get('num_stages', 2)} | {r['splits']} | {r['us']:.1f} | {r['tb_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

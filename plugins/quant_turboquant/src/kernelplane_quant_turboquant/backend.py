@@ -63,7 +63,7 @@ class TurboQuantAttention:
 
     # ---- planning -------------------------------------------------------
     def plan(self, meta: AttentionMetadata, block_n: int = 64, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
-             min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: int = 4, num_stages: int = 2,
+             min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None, num_stages: int = 2,
              lookup: Optional[int] = None, splits: Optional[int] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep."""
         if lookup is None:
@@ -83,6 +83,8 @@ class TurboQuantAttention:
                 programs = meta.num_seqs * math.ceil(max_q / block_q) * self.request.num_kv_heads
                 want = math.ceil(programs_per_sm * self.sm_count / max(programs, 1))
                 splits = max(1, min(want, MAX_SPLITS, max_kv // max(min_tokens_per_split, 1)))
+        if num_warps is None:
+            num_warps = 4 if block_m <= 32 else 8  # prefill tiles need the registers of 8 warps
         per_split = math.ceil(math.ceil(max_kv / max(splits, 1)) / block_n) * block_n if splits > 1 else whole
         splits = max(1, math.ceil(max_kv / per_split))
         return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup)

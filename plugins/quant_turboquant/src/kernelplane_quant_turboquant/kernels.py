@@ -128,12 +128,13 @@ def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: 
         word = tl.broadcast_to(main[:, :, None], [rows, words, 4])
         if BITS == 3:
             extra_shift = 2 * F + (tl.arange(0, words) // (words // 2))[None, :, None] + tl.zeros([1, 1, 4], tl.int32)
-            args = [word, tl.broadcast_to(extra[:, :, None], [rows, words, 4]), shifts, extra_shift]
-            constraints: tl.constexpr = "=r,=r," + ",".join(["r"] * 16)
+            extra_word = tl.broadcast_to(extra[:, :, None], [rows, words, 4])
+            value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                              [word, extra_word, shifts, extra_shift],
+                                              dtype=tl.float16, is_pure=True, pack=4)
         else:
-            args = [word, shifts]
-            constraints: tl.constexpr = "=r,=r," + ",".join(["r"] * 8)
-        value = tl.inline_asm_elementwise(ASM, constraints, args, dtype=tl.float16, is_pure=True, pack=4)
+            value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r", [word, shifts],
+                                              dtype=tl.float16, is_pure=True, pack=4)
     else:
         byte_shift = tl.arange(0, 4) * 8 + shift
         code = (main[:, :, None] >> byte_shift[None, None, :]) & mask
