@@ -40,15 +40,24 @@ class ReferenceAttention:
         self.group = request.num_heads // request.num_kv_heads
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # q [..., Q, Hq, D], k/v [..., K, Hkv, D]; GQA by repeating KV heads.
-        k = k.float().repeat_interleave(self.group, dim=-2)
-        v = v.float().repeat_interleave(self.group, dim=-2)
+        """q [..., Q, Hq, D], k/v [..., K, Hkv, D], mask [..., Q, K] -> [..., Q, Hq, Dv] (float32).
+
+        GQA without copying K/V: query head ``j * group + g`` reads KV head
+        ``j``, so queries are viewed as [Hkv, group] and K/V broadcast over
+        the group.
+        """
+        *lead, nq, hq, d = q.shape
+        hkv = k.shape[-2]
         # Slots no query may see (padding, unwritten pages) can hold anything, NaN included: 0 * NaN is NaN.
         v = v.masked_fill(~mask.any(dim=-2)[..., None, None], 0.0)
-        scores = torch.einsum("...qhd,...khd->...hqk", q.float(), k) * self.scale
-        scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
+        qg = q.float().reshape(*lead, nq, hkv, self.group, d).movedim(-4, -2)  # [..., Hkv, G, Q, D]
+        kt = k.float().movedim(-3, -1).unsqueeze(-3)  # [..., Hkv, 1, D, K]
+        vg = v.float().movedim(-3, -2).unsqueeze(-3)  # [..., Hkv, 1, K, Dv]
+        scores = (qg @ kt) * self.scale  # [..., Hkv, G, Q, K]
+        scores = scores.masked_fill(~mask[..., None, None, :, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-        return torch.einsum("...hqk,...khd->...qhd", probs, v)
+        out = probs @ vg  # [..., Hkv, G, Q, Dv]
+        return out.movedim(-2, -4).reshape(*lead, nq, hq, -1)
 
     def forward(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> torch.Tensor:
         req = self.request
