@@ -67,23 +67,32 @@ def _half(bits16):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_ptx_decodes_four_codes_per_word(bits):
+def test_ptx_decodes_four_independent_elements(bits):
+    """Each of the four elements has its own word and shift, as Triton packs
+    elements that are neighbours in registers, not bytes of one word."""
     table = TurboQuantCodec(bits, 128, seed=1).table
     asm = decode_asm(bits, table)
     rng = random.Random(bits)
     fields = 2 if bits == 4 else 4
-    for _ in range(200):
-        word, extra = rng.getrandbits(32), rng.getrandbits(32)
-        field = rng.randrange(fields)
-        shift = (4 if bits == 4 else 2) * field
-        extra_shift = 2 * field + rng.randrange(2)
-        ops = {"$2": word, "$6": extra if bits == 3 else shift}
+    for _ in range(300):
+        words = [rng.getrandbits(32) for _ in range(4)]
+        extras = [rng.getrandbits(32) for _ in range(4)]
+        shifts, extra_shifts = [], []
+        for _ in range(4):
+            field, byte = rng.randrange(fields), rng.randrange(4)
+            shifts.append((4 if bits == 4 else 2) * field + 8 * byte)
+            extra_shifts.append(2 * field + rng.randrange(2) + 8 * byte)
+        ops = {f"${2 + i}": words[i] for i in range(4)}
         if bits == 3:
-            ops.update({"$10": shift, "$14": extra_shift})
+            ops.update({f"${6 + i}": extras[i] for i in range(4)})
+            ops.update({f"${10 + i}": shifts[i] for i in range(4)})
+            ops.update({f"${14 + i}": extra_shifts[i] for i in range(4)})
+        else:
+            ops.update({f"${6 + i}": shifts[i] for i in range(4)})
         regs = run_ptx(asm, ops)
         got = [_half(regs["$0"] & 0xFFFF), _half(regs["$0"] >> 16), _half(regs["$1"] & 0xFFFF), _half(regs["$1"] >> 16)]
-        for k in range(4):
-            code = (word >> (shift + 8 * k)) & (15 if bits == 4 else 3)
+        for i in range(4):
+            code = (words[i] >> shifts[i]) & (15 if bits == 4 else 3)
             if bits == 3:
-                code |= ((extra >> (extra_shift + 8 * k)) & 1) << 2
-            assert got[k] == float(table[code].half()), (k, code)
+                code |= ((extras[i] >> extra_shifts[i]) & 1) << 2
+            assert got[i] == float(table[code].half()), (i, code)

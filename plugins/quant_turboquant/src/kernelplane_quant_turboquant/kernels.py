@@ -123,14 +123,15 @@ def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: 
         shift: tl.constexpr = 2 * F
         mask: tl.constexpr = 3
     if LOOKUP == 2:
-        # PTX: 4 codes of a word -> 4 float16 through prmt table lookups.
-        shifts = tl.full([1, 1, 4], shift, tl.int32)
+        # PTX table lookups; every element carries its own word and shift (see decode_asm).
+        byte_shift = tl.arange(0, 4) * 8 + shift
         word = tl.broadcast_to(main[:, :, None], [rows, words, 4])
+        shifts = tl.broadcast_to(byte_shift[None, None, :], [rows, words, 4])
         if BITS == 3:
-            extra_shift = 2 * F + (tl.arange(0, words) // (words // 2))[None, :, None] + tl.zeros([1, 1, 4], tl.int32)
-            extra_word = tl.broadcast_to(extra[:, :, None], [rows, words, 4])
+            top_shift = byte_shift[None, None, :] + (tl.arange(0, words) // (words // 2))[None, :, None]
             value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                                              [word, extra_word, shifts, extra_shift],
+                                              [word, tl.broadcast_to(extra[:, :, None], [rows, words, 4]), shifts,
+                                               tl.broadcast_to(top_shift, [rows, words, 4])],
                                               dtype=tl.float16, is_pure=True, pack=4)
         else:
             value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r", [word, shifts],
