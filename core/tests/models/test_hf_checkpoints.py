@@ -70,3 +70,13 @@ def test_chat_template_matches_transformers(zoo):
     for gen in (True, False):
         assert ours.apply_chat_template(messages, add_generation_prompt=gen) == \
             theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def test_cpu_weights_are_64_byte_aligned(zoo, tmp_path, monkeypatch):
+    # Weights straight from safetensors start at arbitrary 8-byte offsets; CPU matmuls are slower on those.
+    monkeypatch.setenv("KERNELPLANE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf_path = zoo.write_gguf("llama", tmp_path / "m.gguf")
+    for loaded in (load_model(str(zoo.tiny_checkpoint("llama")), progress=False),
+                   load_model(str(gguf_path), progress=False), load_model(str(gguf_path), progress=False)):
+        misaligned = [n for n, p in loaded.model.named_parameters() if p.data_ptr() % 64]
+        assert not misaligned, misaligned[:5]
