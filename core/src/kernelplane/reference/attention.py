@@ -43,21 +43,19 @@ class ReferenceAttention:
         """q [..., Q, Hq, D], k/v [..., K, Hkv, D], mask [..., Q, K] -> [..., Q, Hq, Dv] (float32).
 
         GQA without copying K/V: query head ``j * group + g`` reads KV head
-        ``j``, so queries are viewed as [Hkv, group] and K/V broadcast over
-        the group.
+        ``j``, so each KV head attends for ``group * Q`` query rows at once.
         """
         *lead, nq, hq, d = q.shape
-        hkv = k.shape[-2]
+        hkv, g = k.shape[-2], self.group
         # Slots no query may see (padding, unwritten pages) can hold anything, NaN included: 0 * NaN is NaN.
         v = v.masked_fill(~mask.any(dim=-2)[..., None, None], 0.0)
-        qg = q.float().reshape(*lead, nq, hkv, self.group, d).movedim(-4, -2)  # [..., Hkv, G, Q, D]
-        kt = k.float().movedim(-3, -1).unsqueeze(-3)  # [..., Hkv, 1, D, K]
-        vg = v.float().movedim(-3, -2).unsqueeze(-3)  # [..., Hkv, 1, K, Dv]
-        scores = (qg @ kt) * self.scale  # [..., Hkv, G, Q, K]
-        scores = scores.masked_fill(~mask[..., None, None, :, :], float("-inf"))
+        rows = q.float().reshape(*lead, nq, hkv, g, d).movedim(-4, -2).reshape(*lead, hkv, g * nq, d)
+        scores = (rows @ k.float().movedim(-3, -1)) * self.scale  # [..., Hkv, G*Q, K]
+        row_mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], g, nq, mask.shape[-1]).reshape(*mask.shape[:-2], 1, g * nq, -1)
+        scores = scores.masked_fill(~row_mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-        out = probs @ vg  # [..., Hkv, G, Q, Dv]
-        return out.movedim(-2, -4).reshape(*lead, nq, hq, -1)
+        out = probs @ v.float().movedim(-3, -2)  # [..., Hkv, G*Q, Dv]
+        return out.reshape(*lead, hkv, g, nq, -1).movedim(-2, -4).reshape(*lead, nq, hq, -1)
 
     def forward(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> torch.Tensor:
         req = self.request
