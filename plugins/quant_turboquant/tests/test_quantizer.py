@@ -45,8 +45,34 @@ def test_write_then_dequantize_matches_the_codec():
     assert k.shape == (3, 4, 2, 64) and v.shape == (3, 4, 2, 32)
     flat_k = torch.cat([k[1], k[2], k[0]]).reshape(12, 2, 64)  # blocks back in slot order
     flat_v = torch.cat([v[1], v[2], v[0]]).reshape(12, 2, 32)
-    assert torch.allclose(flat_k[slots], q.key_codec.decode(*q.key_codec.encode(key)), atol=1e-5)
+    mu = key.mean(dim=0)  # keys are stored centred on the mean of the first write
+    assert torch.allclose(q.key_offset(pages), mu)
+    assert torch.allclose(flat_k[slots], q.key_codec.decode(*q.key_codec.encode(key - mu)) + mu, atol=1e-5)
     assert torch.allclose(flat_v[slots], q.value_codec.decode(*q.value_codec.encode(value)), atol=1e-5)
+
+
+def test_key_centering_is_frozen_per_layer_and_cuts_the_error():
+    gen = torch.Generator().manual_seed(3)
+    common = torch.randn(2, 64, generator=gen) * 3  # a component all keys share, as in real models
+    keys = [common + torch.randn(n, 2, 64, generator=gen) for n in (40, 8)]
+    value = torch.randn(48, 2, 64, generator=gen)
+    errors = {}
+    for center in (True, False):
+        q = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant3", num_kv_heads=2, head_dim=64), center_keys=center)
+        pages = q.allocate(3, 16, 2, 64, 64, "cpu")
+        q.write(pages, keys[0], value[:40], torch.arange(40))
+        first = q.key_offset(pages)
+        q.write(pages, keys[1], value[40:], torch.arange(40, 48))
+        if center:
+            assert torch.equal(q.key_offset(pages), first) and torch.allclose(first, keys[0].mean(0))
+            other = q.allocate(3, 16, 2, 64, 64, "cpu")
+            assert q.key_offset(other) is None  # each layer's pages get their own offset
+        else:
+            assert first is None
+        k, _ = q.dequantize(pages, torch.arange(3))
+        true = torch.cat(keys)
+        errors[center] = ((k.reshape(48, 2, 64) - true).norm() / true.norm()).item()
+    assert errors[True] < 0.5 * errors[False]
 
 
 def test_reference_attention_reads_the_pages_through_dequantize():
