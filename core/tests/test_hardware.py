@@ -28,3 +28,15 @@ def test_override_nests_and_restores():
             assert probe_hardware().device_type == "rocm"
         assert probe_hardware().device_name == "NVIDIA H100"
     assert probe_hardware() == real
+
+
+def test_cpu_device_on_a_gpu_machine_sees_cpu_facts():
+    from kernelplane.hardware import hardware_for_device
+
+    with override_hardware(device_type="cuda", device_name="NVIDIA H100", compute_capability=(9, 0),
+                           triton_version="3.6.0", triton_mode="compiled") as gpu:
+        assert hardware_for_device("cuda") == gpu
+        cpu = hardware_for_device("cpu")
+        assert cpu.device_type == "cpu" and cpu.compute_capability is None
+        # Triton kernels must not be chosen for tensors that live on the CPU.
+        assert cpu.triton_mode != "compiled"

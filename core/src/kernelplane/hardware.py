@@ -80,11 +80,15 @@ def _probe() -> Hardware:
             triton_version=triton_version,
             triton_mode=mode,
         )
+    return _cpu_facts(torch.__version__, triton_version, interpret)
+
+
+def _cpu_facts(torch_version: str, triton_version: Optional[str], interpret: bool) -> Hardware:
     return Hardware(
         device_type="cpu",
         device_name=platform.processor() or platform.machine() or "cpu",
         extra={"cpu_count": os.cpu_count()},
-        torch_version=torch.__version__,
+        torch_version=torch_version,
         triton_version=triton_version,
         # On CPU Triton can only run through its interpreter, and only when the
         # user asked for it explicitly (TRITON_INTERPRET=1): it is far too slow
@@ -110,6 +114,18 @@ def probe_hardware() -> Hardware:
     base = _probe_cached()
     extra = get_registry().hardware_facts(base)
     return base.model_copy(update={"extra": {**base.extra, **extra}}) if extra else base
+
+
+def hardware_for_device(device: str) -> Hardware:
+    """The facts selection should see when the work runs on ``device``.
+
+    On a GPU machine a user may still ask for ``--device cpu``: kernels must
+    then be chosen for the CPU, not for the GPU the probe found.
+    """
+    hw = probe_hardware()
+    if device == "cpu" and hw.device_type != "cpu":
+        return _cpu_facts(hw.torch_version, hw.triton_version, os.environ.get("TRITON_INTERPRET", "") == "1")
+    return hw
 
 
 @contextlib.contextmanager

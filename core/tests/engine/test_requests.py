@@ -251,7 +251,9 @@ def test_duplicate_request_id(make_engine, tiny_prompts):
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=2.5), "max_tokens"), (dict(temperature=-0.1), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(logprobs=-1), "logprobs"), (dict(logprobs=21), "logprobs"), (dict(stop=[""]), "stop"),
-    (dict(stop=[3]), "stop"),
+    (dict(stop=[3]), "stop"), (dict(max_tokens=True), "max_tokens"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(top_p=float("nan")), "top_p"), (dict(top_k=2.0), "top_k"),
+    (dict(seed="7"), "seed"), (dict(stop_token_ids=[-1]), "stop_token_ids"),
 ])
 def test_invalid_sampling_params(make_engine, tiny_prompts, params, field):
     with pytest.raises(ValueError, match=field):

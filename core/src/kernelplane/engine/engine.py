@@ -21,7 +21,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..capabilities import PLAIN_KV_FORMATS, Capability, KVQuantRequest, SpecRequest
+from ..hardware import hardware_for_device
 from ..kv_cache import AttentionMetadata, KVPages, allocate_plain_pages, torch_dtype
+from ..models.pointwise import compiled_ops
 from ..selection import Selection, select
 from ..spec.verify import greedy_accept, rejection_sample
 from .block_allocator import BlockAllocator
@@ -55,7 +57,7 @@ class EngineConfig(BaseModel):
     speculative_options: dict = Field(default_factory=dict)
     max_num_batched_tokens: int = Field(default=2048, ge=1)
     strict: bool = False
-    enforce_eager: bool = Field(default=False, description="never replay decode steps as CUDA graphs")
+    enforce_eager: bool = Field(default=False, description="plain PyTorch only: no CUDA graphs, no torch.compile fusion")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -88,15 +90,17 @@ class LLMEngine:
 
         kv_format = config.kv_cache_dtype if config.kv_cache_dtype != "auto" else self.dtype
         self.selections: dict[str, Selection] = {}
+        hardware = hardware_for_device(self.device)
         quantizer = None
         if kv_format not in PLAIN_KV_FORMATS:
             qsel = select(Capability.KV_QUANTIZER, KVQuantRequest(
                 format=kv_format, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, dtype=self.dtype,
-                block_size=self.block_size), strict=config.strict)
+                block_size=self.block_size), strict=config.strict, hardware=hardware)
             self.selections[Capability.KV_QUANTIZER.value] = qsel
             quantizer = qsel.implementation
         attn_request = mc.attention_request(dtype=self.dtype, kv_cache_format=kv_format, block_size=self.block_size)
-        asel = select(Capability.ATTENTION, attn_request, override=config.attention_backend, strict=config.strict)
+        asel = select(Capability.ATTENTION, attn_request, override=config.attention_backend, strict=config.strict,
+                      hardware=hardware)
         self.selections[Capability.ATTENTION.value] = asel
         self.attention = asel.implementation
         self.model.set_attention_backend(self.attention)
@@ -105,9 +109,16 @@ class LLMEngine:
         if config.speculative_method:
             ssel = select(Capability.SPEC_PROPOSER, SpecRequest(
                 method=config.speculative_method, num_speculative_tokens=config.num_speculative_tokens,
-                options=config.speculative_options), strict=config.strict)
+                options=config.speculative_options), strict=config.strict, hardware=hardware)
             self.selections[Capability.SPEC_PROPOSER.value] = ssel
             self.proposer = ssel.implementation
+
+        if self.device == "cuda" and not config.enforce_eager:
+            t0 = time.perf_counter()
+            ops = compiled_ops(self.device, torch_dtype(self.dtype), mc.hidden_size, mc.head_dim)
+            self.model.use_pointwise_ops(ops)
+            if ops.fused:
+                log.info("engine: fused norms, RoPE and SwiGLU with torch.compile in %.1f s", time.perf_counter() - t0)
 
         self.kv_caches = self._allocate_cache(kv_format, quantizer)
         # CUDA graphs by tokens per sequence: 1 (decode), 1 + k (verifying k drafts).
@@ -348,6 +359,8 @@ class LLMEngine:
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]) if logit_rows else None
         self.counters["prompt_tokens"] += sum(n for (r, n, d) in items if len(r.token_ids) - r.num_computed > 1)
 
+        # Every greedy row's token in one device-to-host transfer, not one sync per request.
+        greedy_ids = logits.argmax(-1).tolist() if logits is not None and any(r.params.greedy for r, _, _ in items) else None
         row = 0
         now = time.time()
         for req, n, d in items:
@@ -355,13 +368,13 @@ class LLMEngine:
                 req.num_computed += n  # a prompt chunk: nothing to sample yet
                 continue
             rows = logits[row: row + len(d) + 1]
-            row += len(d) + 1
-            if not d:
+            if req.params.greedy:
+                accepted = greedy_accept(d, greedy_ids[row: row + len(d) + 1])
+            elif not d:
                 accepted = [sample(rows[0], req.params, req.generator)]
-            elif req.params.greedy:
-                accepted = greedy_accept(d, rows.argmax(-1).tolist())
             else:
                 accepted = rejection_sample(d, target_probs(rows, req.params), req.generator)
+            row += len(d) + 1
             req.num_computed += n + len(accepted) - 1  # accepted drafts' KV entries are valid
             if d:
                 req.num_spec_steps += 1

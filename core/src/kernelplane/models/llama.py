@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..kv_cache import AttentionMetadata, KVPages, write_kv
 from .config import ModelConfig
+from .pointwise import EAGER_OPS, PointwiseOps, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -23,11 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32, scale in the model's dtype (as Hugging Face does).
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -77,12 +74,6 @@ class Rotary(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, heads, head_dim]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -94,6 +85,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.backend = None
+        self.ops = EAGER_OPS
 
     def forward(self, x, cos, sin, pages: KVPages, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)
@@ -101,7 +93,7 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
-        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = self.ops.apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         write_kv(pages, k, v, meta.slot_mapping)
         out = self.backend.forward(q, pages, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -110,13 +102,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.ops = EAGER_OPS
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -126,10 +117,20 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.ops = EAGER_OPS
 
-    def forward(self, x, cos, sin, pages, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pages, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, hidden, residual, cos, sin, pages, meta):
+        """(output, residual stream): the residual add is deferred into the next norm,
+        so each add + RMSNorm pair is one fused op."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            residual, hidden = self.ops.add_rms_norm(residual, hidden, self.input_layernorm.weight,
+                                                     self.input_layernorm.eps)
+        hidden = self.self_attn(hidden, cos, sin, pages, meta)
+        norm = self.post_attention_layernorm
+        residual, hidden = self.ops.add_rms_norm(residual, hidden, norm.weight, norm.eps)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -145,6 +146,13 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.ops = EAGER_OPS
+
+    def use_pointwise_ops(self, ops: PointwiseOps) -> None:
+        """Run norms, RoPE and SwiGLU's activation with ``ops`` (eager or fused)."""
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
 
     def set_attention_backend(self, backend) -> None:
         """Route every layer's attention through ``backend`` (an ``AttentionBackend``)."""
@@ -156,11 +164,13 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] of the batch's new tokens, after the final norm."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} KV caches (one per layer), got {len(kv_caches)}")
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.lookup(positions, x.dtype)
+        hidden, residual = self.embed_tokens(input_ids), None
+        cos, sin = self.rotary.lookup(positions, hidden.dtype)
         for layer, pages in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, pages, meta)
-        return self.norm(x)
+            hidden, residual = layer(hidden, residual, cos, sin, pages, meta)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.ops.add_rms_norm(residual, hidden, self.norm.weight, self.norm.eps)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for hidden states [N, hidden]."""

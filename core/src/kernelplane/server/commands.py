@@ -25,6 +25,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=int)
     p.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
     p.add_argument("--strict", action="store_true", help="a backend that fails to build is an error, not a fallback")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="GPU: run plain PyTorch (no CUDA graphs, no torch.compile fusion); slower, for debugging")
 
 
 def _speculative_settings(args) -> tuple[Optional[str], Optional[int], dict]:
@@ -55,7 +57,7 @@ def engine_config_from_args(args):
                   max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                   max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
                   kv_cache_dtype=args.kv_cache_dtype, speculative_method=method, speculative_options=options,
-                  strict=args.strict)
+                  strict=args.strict, enforce_eager=args.enforce_eager)
     if k is not None:
         kwargs["num_speculative_tokens"] = k
     return EngineConfig(**kwargs)
