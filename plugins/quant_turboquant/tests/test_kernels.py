@@ -67,6 +67,17 @@ def test_prefill_tiles_across_several_programs():
     run_case("turboquant2", 8, 2, 64, (40, 7), (55, 7), dtype=torch.float16, block_n=16)
 
 
+def test_plan_runs_one_warpgroup_per_64_rows():
+    # 8 warps on a 64-row tile compiled to wrong output on an H100 (the
+    # interpreter cannot show it), so the plan itself is checked here.
+    request = AttentionRequest(num_heads=8, num_kv_heads=2, head_dim=64, kv_cache_format="turboquant2")
+    backend = TurboQuantAttention(request)
+    prefill = backend.plan(AttentionMetadata.build([40, 7], [55, 7], [[0, 1, 2, 3], [4]], 16))
+    decode = backend.plan(AttentionMetadata.build([16, 1], [55, 7], [[0, 1, 2, 3], [4]], 16))
+    assert (prefill.block_m, prefill.num_warps) == (64, 4)
+    assert (decode.block_m, decode.num_warps) == (64, 4)
+
+
 def test_non_causal_and_an_empty_sequence():
     run_case("turboquant3", 4, 4, 64, (2, 0, 5), (9, 0, 20), causal=False, block_size=8)
 

@@ -87,7 +87,12 @@ class TurboQuantAttention:
                 want = math.ceil(programs_per_sm * self.sm_count / max(programs, 1))
                 splits = max(1, min(want, MAX_SPLITS, max_kv // max(min_tokens_per_split, 1)))
         if num_warps is None:
-            num_warps = 4 if block_m <= 32 else 8  # prefill tiles need the registers of 8 warps
+            # One Hopper warpgroup (4 warps) per 64 query rows, the row count of a
+            # wgmma. With 8 warps on a 64-row tile Triton must split each product
+            # over two warpgroups (duplicated rows, or 8-column halves), and Triton
+            # 3.6 compiled that to wrong output on an H100 with 16-key tiles (an
+            # illegal address at head dim 128). The CPU interpreter has no warps.
+            num_warps = 4 if block_m <= 64 else 8
         per_split = math.ceil(math.ceil(max_kv / max(splits, 1)) / block_n) * block_n if splits > 1 else whole
         splits = max(1, math.ceil(max_kv / per_split))
         return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup)
