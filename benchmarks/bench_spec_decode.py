@@ -18,6 +18,7 @@ and whether the outputs equal those without speculation.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import time
@@ -74,8 +75,24 @@ def run_level(engine: LLMEngine, prompts: list[str], max_tokens: int, temperatur
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True, seed=i)
               for i in range(len(prompts))]
     _sync(engine)
+    steps = collections.Counter()
+    step = engine.step
+
+    def timed_step():  # time per kind of step: graphed decode/verify vs eager (prefill)
+        eager = engine.counters["steps_eager"]
+        t = time.perf_counter()
+        out = step()
+        kind = "steps_eager" if engine.counters["steps_eager"] > eager else "steps_graphed"
+        steps[kind] += 1
+        steps[kind + "_s"] += time.perf_counter() - t
+        return out
+
+    engine.step = timed_step
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, params)
+    try:
+        outs = engine.generate(prompts, params)
+    finally:
+        del engine.step
     _sync(engine)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
@@ -86,7 +103,12 @@ def run_level(engine: LLMEngine, prompts: list[str], max_tokens: int, temperatur
             "accepted_tokens": accepted, "spec_steps": spec_steps,
             "acceptance_rate": accepted / drafts if drafts else None,
             "mean_acceptance_length": 1 + accepted / spec_steps if spec_steps else None,
+            **{k: steps[k] for k in ("steps_graphed", "steps_eager", "steps_graphed_s", "steps_eager_s")},
             "outputs": [o.token_ids for o in outs]}
+
+
+def _steps(run: dict) -> str:
+    return f"{run['steps_graphed'] + run['steps_eager']}"
 
 
 def _sync(engine: LLMEngine) -> None:
@@ -166,7 +188,7 @@ def main() -> None:
     print(f"device: {device_name(off.device)} ({off.dtype}, attention={sel['attention'].chosen.name}), "
           f"{date.today().isoformat()}")
     header = (f"{'task':<13} {'conc':>4} {'off tok/s':>10} {'ngram tok/s':>12} {'speed-up':>9} {'accepted':>9} "
-              f"{'mean acc len':>13} {'same out':>9}")
+              f"{'mean acc len':>13} {'same out':>9} {'steps off/ngram':>16} {'ms graphed off/ngram':>21} {'ms eager off/ngram':>19}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -174,7 +196,9 @@ def main() -> None:
         rate = f"{s['acceptance_rate']:.0%}" if s["acceptance_rate"] is not None else "-"
         mal = f"{s['mean_acceptance_length']:.2f}" if s["mean_acceptance_length"] is not None else "-"
         print(f"{r['task']:<13} {r['concurrency']:>4} {r['off']['tokens_per_s']:>10.1f} {s['tokens_per_s']:>12.1f} "
-              f"{r['speedup']:>8.2f}x {rate:>9} {mal:>13} {same_column(r, args.temperature):>9}")
+              f"{r['speedup']:>8.2f}x {rate:>9} {mal:>13} {same_column(r, args.temperature):>9} "
+              f"{_steps(r['off']):>7} / {_steps(s):<7} {r['off']['steps_graphed_s'] * 1e3:>10.1f} / {s['steps_graphed_s'] * 1e3:<8.1f}"
+              f" {r['off']['steps_eager_s'] * 1e3:>9.1f} / {s['steps_eager_s'] * 1e3:<7.1f}")
     if args.json:
         for r in rows:
             for key in ("off", "ngram"):

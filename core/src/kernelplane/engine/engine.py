@@ -350,6 +350,7 @@ class LLMEngine:
                 logit_rows += range(start + n - 1, start + len(toks))
         dev = self.device
         graphs = self._graphs_for(items, len(logit_rows), len(input_ids))
+        self.counters["steps_graphed" if graphs is not None else "steps_eager"] += 1
         if graphs is not None:
             hidden = graphs.run([r.token_ids[r.num_computed:r.num_computed + 1] + d for r, n, d in items],
                                 [r.num_computed for r, n, d in items], tables)
