@@ -83,11 +83,24 @@ class AsyncLLMEngine:
 
     # ---- engine thread --------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items) -> None:
+        """Hand (request_id, output or error) pairs to their streams: one
+        wake-up per event loop, not per request (each wake-up is a syscall
+        and an event-loop turn, which add up at 64 streams per step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            for request_id, item in items:
+                target = self._streams.get(request_id)
+                if target is not None:
+                    loop, stream = target
+                    by_loop.setdefault(loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that loop has closed: nobody is listening any more
+                pass
 
     def _drain_inbox(self) -> None:
         while True:
@@ -120,7 +133,12 @@ class AsyncLLMEngine:
                 victims = list(self.engine.running)
                 for req in victims:
                     self.engine.abort_request(req.request_id)
-                    self._deliver(req.request_id, EngineError(f"engine failure: {type(exc).__name__}: {exc}"))
+                error = EngineError(f"engine failure: {type(exc).__name__}: {exc}")
+                self._deliver_all([(req.request_id, error) for req in victims])
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all([(out.request_id, out) for out in outputs])
+
+
+def _put_all(batch) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
