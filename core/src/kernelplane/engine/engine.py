@@ -31,7 +31,7 @@ from .cuda_graphs import StepGraphs
 from .detokenizer import IncrementalDetokenizer
 from .params import PromptTooLongError, QueueFullError, RequestOutput, SamplingParams
 from .request import Request
-from .sampler import sample, target_probs, token_logprobs
+from .sampler import sample_batch, target_probs, token_logprobs
 
 log = logging.getLogger("kernelplane")
 
@@ -360,8 +360,7 @@ class LLMEngine:
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]) if logit_rows else None
         self.counters["prompt_tokens"] += sum(n for (r, n, d) in items if len(r.token_ids) - r.num_computed > 1)
 
-        # Every greedy row's token in one device-to-host transfer, not one sync per request.
-        greedy_ids = logits.argmax(-1).tolist() if logits is not None and any(r.params.greedy for r, _, _ in items) else None
+        greedy_ids, sampled_ids = self._pick_tokens(items, logits)
         row = 0
         now = time.time()
         for req, n, d in items:
@@ -372,7 +371,7 @@ class LLMEngine:
             if req.params.greedy:
                 accepted = greedy_accept(d, greedy_ids[row: row + len(d) + 1])
             elif not d:
-                accepted = [sample(rows[0], req.params, req.generator)]
+                accepted = [sampled_ids[row]]
             else:
                 accepted = rejection_sample(d, target_probs(rows, req.params), req.generator)
             row += len(d) + 1
@@ -396,6 +395,28 @@ class LLMEngine:
                 self._trim_blocks(req)
             outputs.append(req.output(new_ids, new_lp))
         return outputs
+
+    def _pick_tokens(self, items, logits) -> tuple[Optional[list[int]], dict[int, int]]:
+        """Tokens for the rows that need no verification, batched so that a
+        step costs one device-to-host transfer per kind, not one per request:
+        the argmax of every row (if any request is greedy), and a sample for
+        each sampled request without drafts, by logits row."""
+        if logits is None:
+            return None, {}
+        greedy_ids = logits.argmax(-1).tolist() if any(r.params.greedy for r, _, _ in items) else None
+        rows, reqs, row = [], [], 0
+        for req, n, d in items:
+            if req.num_computed + n < len(req.token_ids):
+                continue
+            if not req.params.greedy and not d:
+                rows.append(row)
+                reqs.append(req)
+            row += len(d) + 1
+        if not rows:
+            return greedy_ids, {}
+        picks = sample_batch(logits[torch.tensor(rows, device=logits.device)], [r.params for r in reqs],
+                             [r.generator for r in reqs])
+        return greedy_ids, dict(zip(rows, picks))
 
     def _graphs_for(self, items, num_logit_rows: int, num_tokens: int):
         """The captured graphs that can run this step, if any: every sequence

@@ -1,7 +1,7 @@
 """Turning logits into tokens: greedy, temperature, top-k, top-p, logprobs."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Sequence
 
 import torch
 
@@ -25,12 +25,46 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """One token from one row of logits."""
-    if params.greedy:
-        return int(logits.argmax().item())
-    probs = target_probs(logits, params)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+def target_probs_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``target_probs`` for many rows at once, each with its own request's settings."""
+    temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], dtype=torch.float32, device=logits.device)
+    logits = logits.float() / temperature[:, None]
+    top_k = [min(p.top_k, logits.shape[-1]) for p in params]
+    if any(top_k):
+        kth_col = torch.tensor([k - 1 if k else 0 for k in top_k], device=logits.device)
+        kth = torch.topk(logits, max(top_k), dim=-1).values.gather(1, kth_col[:, None])
+        kth = kth.masked_fill(torch.tensor([k == 0 for k in top_k], device=logits.device)[:, None], float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:  # only these rows: a top_p of 1 must not trim the tail through rounding
+        idx = torch.tensor(nucleus, device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in nucleus], dtype=torch.float32, device=logits.device)
+        sorted_probs, order = probs[idx].sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        kept = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+        probs[idx] = kept / kept.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 generators: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of ``logits``, row ``i`` drawn from request ``i``'s distribution.
+
+    Each request draws one uniform number from its own generator (so a
+    seeded request gets the same tokens whatever else is in the batch) and
+    the rows are inverted through their CDFs together: one transfer back
+    for the whole batch instead of a vocabulary-sized copy per request.
+    """
+    if not params:
+        return []
+    probs = target_probs_batch(logits, params)
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float64, device=probs.device)
+    cdf = probs.double().cumsum(-1)
+    # right=True: the first token whose CDF exceeds u * total, never a zero-probability one.
+    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    return picks.clamp_(max=probs.shape[-1] - 1)[:, 0].tolist()
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[dict]:
