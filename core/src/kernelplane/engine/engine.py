@@ -25,13 +25,13 @@ from ..hardware import hardware_for_device
 from ..kv_cache import AttentionMetadata, KVPages, allocate_plain_pages, torch_dtype
 from ..models.pointwise import compiled_ops
 from ..selection import Selection, select
-from ..spec.verify import greedy_accept, rejection_sample
+from ..spec.verify import greedy_accept, rejection_sample_batch
 from .block_allocator import BlockAllocator
 from .cuda_graphs import StepGraphs
 from .detokenizer import IncrementalDetokenizer
 from .params import PromptTooLongError, QueueFullError, RequestOutput, SamplingParams
 from .request import Request
-from .sampler import sample_batch, target_probs, token_logprobs
+from .sampler import sample_batch, target_probs_batch, token_logprobs
 
 log = logging.getLogger("kernelplane")
 
@@ -360,7 +360,7 @@ class LLMEngine:
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]) if logit_rows else None
         self.counters["prompt_tokens"] += sum(n for (r, n, d) in items if len(r.token_ids) - r.num_computed > 1)
 
-        greedy_ids, sampled_ids = self._pick_tokens(items, logits)
+        greedy_ids, sampled_ids, verified = self._pick_tokens(items, logits)
         row = 0
         now = time.time()
         for req, n, d in items:
@@ -373,7 +373,7 @@ class LLMEngine:
             elif not d:
                 accepted = [sampled_ids[row]]
             else:
-                accepted = rejection_sample(d, target_probs(rows, req.params), req.generator)
+                accepted = verified[row]
             row += len(d) + 1
             req.num_computed += n + len(accepted) - 1  # accepted drafts' KV entries are valid
             if d:
@@ -396,27 +396,36 @@ class LLMEngine:
             outputs.append(req.output(new_ids, new_lp))
         return outputs
 
-    def _pick_tokens(self, items, logits) -> tuple[Optional[list[int]], dict[int, int]]:
-        """Tokens for the rows that need no verification, batched so that a
-        step costs one device-to-host transfer per kind, not one per request:
-        the argmax of every row (if any request is greedy), and a sample for
-        each sampled request without drafts, by logits row."""
+    def _pick_tokens(self, items, logits) -> tuple[Optional[list[int]], dict[int, int], dict[int, list[int]]]:
+        """Tokens for every request that reached the end of its input, batched
+        so that a step costs one device-to-host transfer per kind, not one per
+        request: the argmax of every row (if any request is greedy); a sample
+        for each sampled request without drafts; the accepted tokens of each
+        sampled request with drafts (rejection sampling). Keyed by the
+        request's first logits row."""
         if logits is None:
-            return None, {}
+            return None, {}, {}
         greedy_ids = logits.argmax(-1).tolist() if any(r.params.greedy for r, _, _ in items) else None
-        rows, reqs, row = [], [], 0
+        plain, drafted, row = [], [], 0
         for req, n, d in items:
             if req.num_computed + n < len(req.token_ids):
                 continue
-            if not req.params.greedy and not d:
-                rows.append(row)
-                reqs.append(req)
+            if not req.params.greedy:
+                (drafted if d else plain).append((row, req, d))
             row += len(d) + 1
-        if not rows:
-            return greedy_ids, {}
-        picks = sample_batch(logits[torch.tensor(rows, device=logits.device)], [r.params for r in reqs],
-                             [r.generator for r in reqs])
-        return greedy_ids, dict(zip(rows, picks))
+        sampled, verified = {}, {}
+        dev = logits.device
+        if plain:
+            picks = sample_batch(logits[torch.tensor([r for r, _, _ in plain], device=dev)],
+                                 [q.params for _, q, _ in plain], [q.generator for _, q, _ in plain])
+            sampled = {r: t for (r, _, _), t in zip(plain, picks)}
+        if drafted:
+            rows = [r + j for r, _, d in drafted for j in range(len(d) + 1)]
+            params = [q.params for _, q, d in drafted for _ in range(len(d) + 1)]
+            probs = target_probs_batch(logits[torch.tensor(rows, device=dev)], params)
+            accepted = rejection_sample_batch([d for _, _, d in drafted], probs, [q.generator for _, q, _ in drafted])
+            verified = {r: a for (r, _, _), a in zip(drafted, accepted)}
+        return greedy_ids, sampled, verified
 
     def _graphs_for(self, items, num_logit_rows: int, num_tokens: int):
         """The captured graphs that can run this step, if any: every sequence

@@ -5,28 +5,20 @@ from typing import Sequence
 
 import torch
 
+from ..spec.verify import inverse_cdf
 from .params import SamplingParams
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a sampled request draws from (rows of ``logits``)."""
-    logits = logits.float() / max(params.temperature, 1e-5)
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    rows = logits.reshape(-1, logits.shape[-1])
+    return target_probs_batch(rows, [params] * rows.shape[0]).reshape(logits.shape)
 
 
 def target_probs_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """``target_probs`` for many rows at once, each with its own request's settings."""
+    """Row ``i``'s distribution under request ``i``'s settings: softmax of
+    logits / temperature over the top-k tokens, then the smallest prefix (by
+    probability) whose mass reaches top-p, renormalized."""
     temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], dtype=torch.float32, device=logits.device)
     logits = logits.float() / temperature[:, None]
     top_k = [min(p.top_k, logits.shape[-1]) for p in params]
@@ -61,10 +53,7 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
         return []
     probs = target_probs_batch(logits, params)
     u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float64, device=probs.device)
-    cdf = probs.double().cumsum(-1)
-    # right=True: the first token whose CDF exceeds u * total, never a zero-probability one.
-    picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
-    return picks.clamp_(max=probs.shape[-1] - 1)[:, 0].tolist()
+    return inverse_cdf(probs.double(), u).tolist()
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[dict]:

@@ -177,7 +177,7 @@ def rejection_sample_batch(drafts: Sequence[Tokens], target_probs: torch.Tensor,
         empty = residual.sum(dim=1, keepdim=True) <= 0
         final[rej] = torch.where(empty, final[rej], residual)
     last_uniform = uniforms[starts + lengths]
-    sampled = _inverse_cdf(final, last_uniform)
+    sampled = inverse_cdf(final, last_uniform)
 
     counts = num_accepted.tolist()
     sampled = sampled.tolist()
@@ -189,7 +189,7 @@ def _uniforms(count: int, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.rand(count, generator=generator, dtype=torch.float64, device=device).cpu()
 
 
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One index per row of non-negative ``weights`` (unnormalized), using uniforms ``u``."""
     cdf = weights.cumsum(dim=1)
     x = (u * cdf[:, -1]).unsqueeze(1)
