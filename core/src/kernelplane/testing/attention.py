@@ -55,8 +55,10 @@ def _make_pages(request: AttentionRequest, num_blocks: int, device) -> KVPages:
     if fmt in PLAIN_KV_FORMATS:
         pages = allocate_plain_pages(num_blocks, request.block_size, request.num_kv_heads, request.head_dim,
                                      request.v_dim, torch_dtype(fmt), device, mla=request.kind == "mla")
-        for t in pages.tensors.values():  # garbage everywhere: reading an unwritten slot shows up
-            t.normal_()
+        # NaN everywhere, as an engine's uninitialized cache may hold: reading an
+        # unwritten slot, even with zero attention weight (0 * NaN), shows up.
+        for t in pages.tensors.values():
+            t.fill_(float("nan"))
         return pages
     quantizer = select("kv_quantizer", KVQuantRequest(
         format=fmt, num_kv_heads=request.num_kv_heads, head_dim=request.head_dim, head_dim_v=request.head_dim_v,
