@@ -163,3 +163,32 @@ class AttentionMetadata:
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
         )
+
+
+def check_kernel_inputs(query: torch.Tensor, pages: KVPages, meta: AttentionMetadata, request) -> None:
+    """What a hand-written attention kernel relies on and cannot check itself:
+    ``query`` [tokens, heads, head_dim] with a contiguous last dim, pages of
+    the request's heads and head dims on the query's device, and int32
+    metadata there, contiguous in its last dim. Raises ValueError naming the
+    first mismatch. Format-specific checks stay with each backend."""
+    if query.dim() != 3 or query.shape[1] != request.num_heads or query.shape[2] != request.head_dim:
+        raise ValueError(f"query must be [tokens, {request.num_heads}, {request.head_dim}], got {tuple(query.shape)}")
+    if query.stride(2) != 1:
+        raise ValueError("query's last dim must be contiguous")
+    if (pages.num_kv_heads != request.num_kv_heads or pages.head_dim != request.head_dim
+            or pages.head_dim_v != request.v_dim):
+        raise ValueError(f"KV pages hold {pages.num_kv_heads} heads of dims {pages.head_dim}/{pages.head_dim_v}; "
+                         f"the request needs {request.num_kv_heads} heads of dims {request.head_dim}/{request.v_dim}")
+    for name, t in pages.tensors.items():
+        if t.device != query.device:
+            raise ValueError(f"KV pages ({name}) are on {t.device}, query on {query.device}")
+    for name in ("query_start_loc", "seq_lens", "block_tables"):
+        t = getattr(meta, name)
+        if t.dtype != torch.int32:
+            raise ValueError(f"metadata {name} must be int32, got {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"metadata {name} is on {t.device}, query on {query.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"metadata {name} must be contiguous in its last dim")
+    if meta.query_start_loc.shape[0] != meta.num_seqs + 1:
+        raise ValueError("metadata query_start_loc must have num_seqs + 1 entries")

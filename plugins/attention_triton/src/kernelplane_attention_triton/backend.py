@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from kernelplane import AttentionMetadata, AttentionRequest, KVPages
+from kernelplane.kv_cache import check_kernel_inputs
 
 from . import kernels
 from .configs import TARGET_PROGRAMS_PER_SM, TileConfig, heads_per_program, num_kv_splits, tile_configs
@@ -173,33 +174,14 @@ class TritonPagedAttention:
             )
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:
-        req = self.request
-        if query.dim() != 3 or query.shape[1] != req.num_heads or query.shape[2] != req.head_dim:
-            raise ValueError(f"query must be [tokens, {req.num_heads}, {req.head_dim}], got {tuple(query.shape)}")
-        if query.stride(2) != 1:
-            raise ValueError("query's last dim must be contiguous")
+        check_kernel_inputs(query, pages, meta, self.request)
         if not pages.is_plain or pages.quantizer is not None or pages.mla:
             raise ValueError(f"triton attention reads plain K/V pages only, got format {pages.format!r}"
                              + (" (MLA)" if pages.mla else ""))
-        if pages.num_kv_heads != req.num_kv_heads or pages.head_dim != req.head_dim or pages.head_dim_v != req.v_dim:
-            raise ValueError(f"KV pages hold {pages.num_kv_heads} heads of dims {pages.head_dim}/{pages.head_dim_v}; "
-                             f"the request needs {req.num_kv_heads} heads of dims {req.head_dim}/{req.v_dim}")
         if pages.key.stride(3) != 1 or pages.value.stride(3) != 1:
             raise ValueError("K/V pages' last dim must be contiguous")
         if pages.block_size & (pages.block_size - 1):
             raise ValueError(f"page size {pages.block_size} is not a power of two")
-        for name in ("query_start_loc", "seq_lens", "block_tables"):
-            t = getattr(meta, name)
-            if t.dtype != torch.int32:
-                raise ValueError(f"metadata {name} must be int32, got {t.dtype}")
-            if t.device != query.device:
-                raise ValueError(f"metadata {name} is on {t.device}, query on {query.device}")
-            if t.stride(-1) != 1:
-                raise ValueError(f"metadata {name} must be contiguous in its last dim")
-        if meta.query_start_loc.shape[0] != meta.num_seqs + 1:
-            raise ValueError("metadata query_start_loc must have num_seqs + 1 entries")
-        if pages.key.device != query.device:
-            raise ValueError(f"KV pages are on {pages.key.device}, query on {query.device}")
 
 
 def _block_dim(n: int, minimum: int = 16) -> int:
