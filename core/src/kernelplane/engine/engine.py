@@ -337,6 +337,8 @@ class LLMEngine:
         positions: list[int] = []
         query_lens, seq_lens, tables = [], [], []
         logit_rows: list[int] = []
+        # Requests that reached the end of their input, with their drafts and first logits row.
+        caught_up: list[tuple[Request, list[int], int]] = []
         for req, n, d in items:
             nc = req.num_computed
             toks = req.token_ids[nc:nc + n] + d
@@ -347,6 +349,7 @@ class LLMEngine:
             seq_lens.append(nc + len(toks))
             tables.append(req.blocks)
             if nc + n == len(req.token_ids):  # caught up: sample after the last real token and each draft
+                caught_up.append((req, d, len(logit_rows)))
                 logit_rows += range(start + n - 1, start + len(toks))
         dev = self.device
         graphs = self._graphs_for(items, len(logit_rows), len(input_ids))
@@ -360,21 +363,15 @@ class LLMEngine:
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]) if logit_rows else None
         self.counters["prompt_tokens"] += sum(n for (r, n, d) in items if len(r.token_ids) - r.num_computed > 1)
 
-        greedy_ids, sampled_ids, verified = self._pick_tokens(items, logits)
-        row = 0
+        accepted_by_row = self._pick_tokens(caught_up, logits)
+        first_row = {id(req): row for req, _, row in caught_up}
         now = time.time()
         for req, n, d in items:
-            if req.num_computed + n < len(req.token_ids):
+            row = first_row.get(id(req))
+            if row is None:
                 req.num_computed += n  # a prompt chunk: nothing to sample yet
                 continue
-            rows = logits[row: row + len(d) + 1]
-            if req.params.greedy:
-                accepted = greedy_accept(d, greedy_ids[row: row + len(d) + 1])
-            elif not d:
-                accepted = [sampled_ids[row]]
-            else:
-                accepted = verified[row]
-            row += len(d) + 1
+            accepted = accepted_by_row[row]
             req.num_computed += n + len(accepted) - 1  # accepted drafts' KV entries are valid
             if d:
                 req.num_spec_steps += 1
@@ -385,7 +382,7 @@ class LLMEngine:
             new_ids = self._append(req, accepted)
             new_lp = None
             if req.params.logprobs is not None:
-                new_lp = token_logprobs(rows[:len(new_ids)], new_ids, req.params.logprobs)
+                new_lp = token_logprobs(logits[row: row + len(new_ids)], new_ids, req.params.logprobs)
             if req.first_token_time is None:
                 req.first_token_time = now
             self.counters["generation_tokens"] += len(new_ids)
@@ -396,36 +393,31 @@ class LLMEngine:
             outputs.append(req.output(new_ids, new_lp))
         return outputs
 
-    def _pick_tokens(self, items, logits) -> tuple[Optional[list[int]], dict[int, int], dict[int, list[int]]]:
-        """Tokens for every request that reached the end of its input, batched
-        so that a step costs one device-to-host transfer per kind, not one per
-        request: the argmax of every row (if any request is greedy); a sample
-        for each sampled request without drafts; the accepted tokens of each
-        sampled request with drafts (rejection sampling). Keyed by the
-        request's first logits row."""
-        if logits is None:
-            return None, {}, {}
-        greedy_ids = logits.argmax(-1).tolist() if any(r.params.greedy for r, _, _ in items) else None
-        plain, drafted, row = [], [], 0
-        for req, n, d in items:
-            if req.num_computed + n < len(req.token_ids):
-                continue
-            if not req.params.greedy:
-                (drafted if d else plain).append((row, req, d))
-            row += len(d) + 1
-        sampled, verified = {}, {}
-        dev = logits.device
+    def _pick_tokens(self, caught_up: list[tuple[Request, list[int], int]], logits) -> dict[int, list[int]]:
+        """The accepted tokens of every request that reached the end of its
+        input, keyed by its first logits row. Batched so that a step costs one
+        device-to-host transfer per kind, not one per request: the argmax of
+        every row (greedy requests), one sample per sampled request without
+        drafts, one rejection-sampling call for the sampled ones with drafts."""
+        out: dict[int, list[int]] = {}
+        greedy = [(r, d, row) for r, d, row in caught_up if r.params.greedy]
+        plain = [(r, d, row) for r, d, row in caught_up if not r.params.greedy and not d]
+        drafted = [(r, d, row) for r, d, row in caught_up if not r.params.greedy and d]
+        dev = logits.device if logits is not None else None
+        if greedy:
+            argmax = logits.argmax(-1).tolist()
+            out.update((row, greedy_accept(d, argmax[row: row + len(d) + 1])) for _, d, row in greedy)
         if plain:
-            picks = sample_batch(logits[torch.tensor([r for r, _, _ in plain], device=dev)],
-                                 [q.params for _, q, _ in plain], [q.generator for _, q, _ in plain])
-            sampled = {r: t for (r, _, _), t in zip(plain, picks)}
+            picks = sample_batch(logits[torch.tensor([row for _, _, row in plain], device=dev)],
+                                 [r.params for r, _, _ in plain], [r.generator for r, _, _ in plain])
+            out.update((row, [t]) for (_, _, row), t in zip(plain, picks))
         if drafted:
-            rows = [r + j for r, _, d in drafted for j in range(len(d) + 1)]
-            params = [q.params for _, q, d in drafted for _ in range(len(d) + 1)]
+            rows = [row + j for _, d, row in drafted for j in range(len(d) + 1)]
+            params = [r.params for r, d, _ in drafted for _ in range(len(d) + 1)]
             probs = target_probs_batch(logits[torch.tensor(rows, device=dev)], params)
-            accepted = rejection_sample_batch([d for _, _, d in drafted], probs, [q.generator for _, q, _ in drafted])
-            verified = {r: a for (r, _, _), a in zip(drafted, accepted)}
-        return greedy_ids, sampled, verified
+            accepted = rejection_sample_batch([d for _, d, _ in drafted], probs, [r.generator for r, _, _ in drafted])
+            out.update((row, a) for (_, _, row), a in zip(drafted, accepted))
+        return out
 
     def _graphs_for(self, items, num_logit_rows: int, num_tokens: int):
         """The captured graphs that can run this step, if any: every sequence
