@@ -206,7 +206,7 @@ def check_correctness(device, gen, quick):
     """Kernel vs reference on the same pages; returns rows and the lookups that passed."""
     rows = []
     scale = 1 if not quick else 32
-    lookups = (2, 1) if device == "cuda" else (1,)
+    lookups = (3, 2, 1) if device == "cuda" else (3, 1)
     cases = [
         ("decode B4 ragged", [1] * 4, [8192 // scale, 3000 // scale, 17, 4096 // scale], {}),
         ("multi-token decode (3 drafts)", [4, 4], [5000 // scale, 700 // scale], {}),
@@ -227,6 +227,8 @@ def check_correctness(device, gen, quick):
             query = torch.randn(sum(qlens), HQ, D, device=device, dtype=torch.bfloat16)
             ref = ReferenceAttention(request).forward(query.float(), pages, meta)
             for lookup in lookups:
+                if lookup == 3 and fmt != "turboquant2":
+                    continue  # the cubic decoder is for 2-bit codes
                 plan = backend.plan(meta, lookup=lookup, **plan_kw)
                 try:
                     out = backend.forward(query, pages, meta, plan=plan)
@@ -246,9 +248,12 @@ def check_correctness(device, gen, quick):
 
 # ---------------------------------------------------------------- timing runs
 
-def sweep_configs(lookups):
-    """PTX lookups over tile shapes, and the portable select tree at one shape for comparison."""
+def sweep_configs(lookups, fmt):
+    """The cubic decoder (2 bits) and PTX lookups over tile shapes, and the portable
+    select tree at one shape for comparison."""
     configs = []
+    if 3 in lookups and fmt == "turboquant2":
+        configs += [dict(lookup=3, block_n=bn, num_warps=4, num_stages=s) for bn in (64, 128) for s in (2, 3)]
     if 2 in lookups:
         configs += [dict(lookup=2, block_n=bn, num_warps=w) for bn in (64, 128) for w in (2, 4, 8)]
         configs.append(dict(lookup=2, block_n=64, num_warps=4, num_stages=3))
@@ -307,10 +312,10 @@ def time_triton_bf16(batch, ctx, device, gen):
 def sweep(device, gen, quick, lookups):
     """Best config per format, judged on the sum of B=16 and B=1 times at L=32k."""
     ctx = 32768 if not quick else 512
-    configs = sweep_configs(lookups)
     best = {}
     rows = []
     for fmt in FORMATS:
+        configs = sweep_configs(lookups, fmt)
         totals = {}
         for batch in ((16, 1) if device == "cuda" else (1,)):
             times, nbytes = time_tq(fmt, batch, ctx, device, gen, configs)

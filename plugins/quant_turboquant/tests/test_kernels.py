@@ -105,3 +105,31 @@ def test_bad_input():
         backend.forward(torch.randn(1, 4, 64), pages, bad_meta)
     with pytest.raises(ValueError, match="not for float32 queries"):
         backend.forward(torch.randn(1, 4, 64), pages, meta, plan=backend.plan(meta, lookup=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_with_the_cubic_decoder(dtype):
+    # 2 bits, LOOKUP 3: codes read as bytes and decoded by the float16 cubic (exact).
+    run_case("turboquant2", 8, 2, 64, (1, 1, 1), (150, 3, 64), dtype=dtype, splits=4, block_n=32, lookup=3)
+
+
+def test_cubic_decoder_with_drafts_window_and_group_of_three():
+    run_case("turboquant2", 9, 3, 64, (3, 1), (90, 40), dtype=torch.bfloat16, window=20, splits=3, block_n=16,
+             lookup=3)
+    run_case("turboquant2", 4, 1, 128, (1,), (70,), dtype=torch.float16, block_n=64, lookup=3)
+
+
+def test_plan_takes_the_cubic_for_two_bits_on_a_gpu_only():
+    request = AttentionRequest(num_heads=8, num_kv_heads=2, head_dim=64, kv_cache_format="turboquant2")
+    backend = TurboQuantAttention(request)
+    decode = AttentionMetadata.build([1, 1], [55, 7], [[0, 1, 2, 3], [4]], 16)
+    prefill = AttentionMetadata.build([40, 7], [55, 7], [[0, 1, 2, 3], [4]], 16)
+    backend.compiled = False  # the interpreter: the select tree stays the default
+    assert backend.plan(decode, bits=2).lookup != 3
+    backend.compiled = True
+    plan = backend.plan(decode, bits=2)
+    assert (plan.lookup, plan.block_n, plan.num_stages) == (3, 128, 3)
+    assert backend.plan(decode, bits=3).lookup != 3
+    assert backend.plan(prefill, bits=2).lookup != 3
+    with pytest.raises(ValueError, match="for 2-bit codes"):
+        backend.plan(decode, bits=4, lookup=3)

@@ -18,6 +18,7 @@ from kernelplane.kv_cache import check_kernel_inputs
 import triton.language as tl
 
 from . import kernels
+from .cubic import check_exact
 from .decode_asm import decode_asm
 from .packing import num_fields
 from .quantizer import TurboQuantKVQuantizer
@@ -43,7 +44,7 @@ class LaunchPlan:
     tokens_per_split: int
     num_warps: int = 4
     num_stages: int = 2
-    lookup: int = 1  # kernels._field: 0 table gather, 1 select tree, 2 PTX prmt lookups (NVIDIA)
+    lookup: int = 1  # kernels._field: 0 table gather, 1 select tree, 2 PTX prmt lookups (NVIDIA), 3 cubic (2 bits)
 
 
 def next_pow2(n: int) -> int:
@@ -61,12 +62,15 @@ class TurboQuantAttention:
         # PTX table lookups where they can run (compiled Triton on NVIDIA, 16-bit queries).
         nvidia = torch.cuda.is_available() and torch.version.cuda is not None and not _INTERPRETED
         self.default_lookup = 2 if nvidia and request.dtype != "float32" else 1
+        self.compiled = torch.cuda.is_available() and not _INTERPRETED
 
     # ---- planning -------------------------------------------------------
-    def plan(self, meta: AttentionMetadata, block_n: int = 64, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
-             min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None, num_stages: int = 2,
-             lookup: Optional[int] = None, splits: Optional[int] = None) -> LaunchPlan:
-        """The launch for this batch; the keyword arguments let tests and benchmarks sweep."""
+    def plan(self, meta: AttentionMetadata, block_n: Optional[int] = None, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
+             min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
+             num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
+             bits: Optional[int] = None) -> LaunchPlan:
+        """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
+        ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder)."""
         max_q = max(1, meta.max_query_len)
         if max_q * self.group <= DECODE_MAX_ROWS:
             block_q = max_q
@@ -77,8 +81,16 @@ class TurboQuantAttention:
         if lookup is None:
             # The PTX decoder is validated on the GPU for decode tiles; prefill
             # (compute-bound, decode cost amortized over many rows) keeps the
-            # portable one (see BENCHMARKS.md).
+            # portable one (see BENCHMARKS.md). At 2 bits the cubic beats both.
             lookup = self.default_lookup if block_m <= 32 else 1
+            if bits == 2 and block_m <= 32 and self.compiled:
+                lookup = 3
+        if lookup == 3 and bits not in (None, 2):
+            raise ValueError(f"lookup 3 (the cubic decoder) is for 2-bit codes, not {bits}")
+        if block_n is None:
+            block_n = 128 if lookup == 3 else 64
+        if num_stages is None:
+            num_stages = 3 if lookup == 3 else 2
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         whole = max(block_n, math.ceil(max_kv / block_n) * block_n)
         if splits is None:
@@ -108,13 +120,17 @@ class TurboQuantAttention:
                 return hi, (m - hi.float()).to(torch.bfloat16)
 
             kc, vc = quantizer.key_codec, quantizer.value_codec
+            cubics = {}
+            if kc.bits == 2:
+                cubics = {f"{p}_cubic": torch.tensor(check_exact(c.table), dtype=torch.float32, device=device)
+                          for p, c in (("k", kc), ("v", vc))}
             q_hi, q_lo = hi_lo(kc.rotation.matrix(dtype=torch.float64).T)  # q @ R_k^T
             o_hi, o_lo = hi_lo(vc.rotation.matrix(dtype=torch.float64))  # out_rot @ R_v
             self._operands[key] = dict(
                 quantizer=quantizer,  # keeps id() valid while cached
                 k_table=kc.table.to(device), v_table=vc.table.to(device),
                 q_hi=q_hi, q_lo=q_lo, o_hi=o_hi, o_lo=o_lo,
-                bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table),
+                bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table), **cubics,
             )
         return self._operands[key]
 
@@ -127,12 +143,19 @@ class TurboQuantAttention:
         out = torch.empty(num_tokens, req.num_heads, req.v_dim, dtype=query.dtype, device=query.device)
         if num_tokens == 0 or meta.num_seqs == 0:
             return out
-        plan = plan or self.plan(meta)
+        ops = self._tensors_for(pages.quantizer, query.device)
+        plan = plan or self.plan(meta, bits=ops["bits"])
         if plan.lookup == 2 and query.dtype == torch.float32:
             raise ValueError("lookup 2 (PTX) decodes to float16: not for float32 queries")
-        ops = self._tensors_for(pages.quantizer, query.device)
+        if plan.lookup == 3 and ops["bits"] != 2:
+            raise ValueError(f"lookup 3 (the cubic decoder) is for 2-bit codes, not {ops['bits']}")
         t = pages.tensors
-        kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
+        if plan.lookup == 3:
+            kc, vc = t["key_codes"], t["value_codes"]  # bytes
+            k_table, v_table = ops["k_cubic"], ops["v_cubic"]
+        else:
+            kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
+            k_table, v_table = ops["k_table"], ops["v_table"]
         kn, vn = t["key_norm"], t["value_norm"]
         partial = torch.empty(num_tokens, req.num_heads, plan.splits, req.v_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(num_tokens, req.num_heads, plan.splits, dtype=torch.float32, device=query.device)
@@ -141,7 +164,7 @@ class TurboQuantAttention:
         grid = (meta.num_seqs, math.ceil(max_q / plan.block_q), req.num_kv_heads * plan.splits)
         kernels.turboquant_attention_kernel[grid](
             query, partial, lse,
-            kc, kn, vc, vn, ops["k_table"], ops["v_table"], ops["q_hi"], ops["q_lo"],
+            kc, kn, vc, vn, k_table, v_table, ops["q_hi"], ops["q_lo"],
             meta.block_tables, meta.seq_lens, meta.query_start_loc,
             req.num_kv_heads, req.softmax_scale * _LOG2E / math.sqrt(req.head_dim), 1.0 / math.sqrt(req.v_dim),
             req.sliding_window or 0, plan.tokens_per_split,

@@ -18,6 +18,7 @@ import math
 import torch
 
 from .codebook import codebook_for
+from .cubic import exact_pair
 from .packing import check_dim, pack, packed_bytes, unpack
 from .rotation import make_rotation
 
@@ -51,10 +52,15 @@ class TurboQuantCodec:
         self.rotation = make_rotation(dim, seed)
         self.packed_bytes = packed_bytes(dim, bits)
         half = 2 ** (bits - 1)
-        mags = torch.tensor(self.codebook.centroids[half:], dtype=torch.float64)
+        positive = self.codebook.positive_centroids
+        if bits == 2:
+            # Moved by < 1.5e-3 so that the kernel's table-free decoder is exact (see cubic).
+            positive = exact_pair(*positive)
+        mags = torch.tensor(positive, dtype=torch.float64)
         # table[code], sign-magnitude codes (see module doc).
         self.table = torch.cat([mags, -mags]).float()
-        self.thresholds = torch.tensor(self.codebook.thresholds, dtype=torch.float32)
+        ascending = torch.cat([-mags.flip(0), mags])
+        self.thresholds = ((ascending[1:] + ascending[:-1]) / 2).float()
         ascending = torch.arange(2 ** bits)
         # code of the k-th centroid in ascending order
         self.code_of_cell = torch.where(ascending >= half, ascending - half, half + (half - 1 - ascending))

@@ -23,7 +23,8 @@ sign-magnitude; ``table[code]`` is the centroid (standard-normal units, so
 unit-vector coordinates are ``table[code] / sqrt(d)``). ``LOOKUP`` picks the
 decoder: 0 a table gather, 1 a select tree (both portable), 2 byte-permute
 (``prmt``) table lookups in PTX, four codes per instruction pair (NVIDIA
-only; ``decode_asm`` builds its code).
+only; ``decode_asm`` builds its code), 3 (2 bits only) a float16 cubic with
+no table (``cubic``; codes read as bytes), portable and the fastest.
 """
 from __future__ import annotations
 
@@ -67,9 +68,16 @@ def _rotate_cols(x_ptrs, x_mask, rot_hi_ptr, rot_lo_ptr, ROWS: tl.constexpr, DIM
 
 
 @triton.jit
-def _load_words(row_ptr, row_mask, BITS: tl.constexpr, WORDS: tl.constexpr):
+def _load_words(row_ptr, row_mask, BITS: tl.constexpr, WORDS: tl.constexpr, LOOKUP: tl.constexpr):
     """The main part ``[rows, WORDS]`` (int32) of packed rows at ``row_ptr [rows]``
-    (an int32 pointer), and for 3 bits the extra word that goes with each main word."""
+    (an int32 pointer), and for 3 bits the extra word that goes with each main word.
+    ``LOOKUP == 3`` (2 bits): the main part as ``[rows, 4 * WORDS]`` bytes (a
+    uint8 pointer); the compiler then moves the codes, not the decoded values,
+    into the tensor-core operand layout."""
+    if LOOKUP == 3:
+        offs_b = tl.arange(0, 4 * WORDS)
+        main = tl.load(row_ptr[:, None] + offs_b[None, :], mask=row_mask[:, None], other=0)
+        return main, main
     offs_w = tl.arange(0, WORDS)
     main = tl.load(row_ptr[:, None] + offs_w[None, :], mask=row_mask[:, None], other=0)
     if BITS == 3:
@@ -110,10 +118,24 @@ def _centroids(code, table_ptr, BITS: tl.constexpr, LOOKUP: tl.constexpr):
 
 
 @triton.jit
+def _cubic_field(codes, F: tl.constexpr, c0, c1, c2, c3):
+    """Field ``F`` of 2-bit codes (bytes), decoded by the cubic of ``cubic``
+    (exact in float16): the code's bits, read as the low mantissa of a float16
+    of exponent ``10 - 2F``, give ``2**(10 - 2F) + code``, so one OR and one
+    subtraction yield ``y = code - 2``."""
+    bits = codes & (3 << (2 * F))
+    y = (bits.to(tl.int16) | ((25 - 2 * F) << 10)).to(tl.float16, bitcast=True) - (1024.0 / (4 ** F) + 2.0)
+    return ((c3 * y + c2) * y + c1) * y + c0
+
+
+@triton.jit
 def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: tl.constexpr,
-           ASM: tl.constexpr, OUT_DTYPE: tl.constexpr):
+           ASM: tl.constexpr, OUT_DTYPE: tl.constexpr, c0, c1, c2, c3):
     """Decoded centroids of field ``F`` of a tile of rows: ``[rows, 4 * words]``
-    in ``OUT_DTYPE``; column ``4w + k`` is byte ``k`` of main word ``w``."""
+    in ``OUT_DTYPE``; column ``4w + k`` is byte ``k`` of main word ``w``
+    (``LOOKUP == 3``: ``main`` holds the bytes; ``c0..c3`` the cubic)."""
+    if LOOKUP == 3:
+        return _cubic_field(main, F, c0, c1, c2, c3).to(OUT_DTYPE)
     rows: tl.constexpr = main.shape[0]
     words: tl.constexpr = main.shape[1]
     if BITS == 4:
@@ -168,7 +190,8 @@ def turboquant_attention_kernel(
 ):
     """Grid: (sequences, query tiles of ``BLOCK_Q`` tokens, KV heads x splits).
 
-    ``kc_ptr``/``vc_ptr`` are the code pages as int32 words (strides in words).
+    ``kc_ptr``/``vc_ptr`` are the code pages as int32 words (strides in words;
+    bytes and strides in bytes for ``LOOKUP == 3``).
     The page strides are compile-time constants (fixed per model), so the
     compiler sees that rows are 16-byte aligned and loads them in wide vectors.
     ``score_scale`` = softmax scale * log2(e) / sqrt(head_dim) and
@@ -238,6 +261,12 @@ def turboquant_attention_kernel(
     vc_head = vc_ptr + kv_head.to(tl.int64) * stride_vch
     vn_head = vn_ptr + kv_head.to(tl.int64) * stride_vnh
 
+    # LOOKUP == 3: the tables hold the K and V cubics' coefficients (unused otherwise).
+    kc0, kc1 = tl.load(k_table_ptr).to(tl.float16), tl.load(k_table_ptr + 1).to(tl.float16)
+    kc2, kc3 = tl.load(k_table_ptr + 2).to(tl.float16), tl.load(k_table_ptr + 3).to(tl.float16)
+    vc0, vc1 = tl.load(v_table_ptr).to(tl.float16), tl.load(v_table_ptr + 1).to(tl.float16)
+    vc2, vc3 = tl.load(v_table_ptr + 2).to(tl.float16), tl.load(v_table_ptr + 3).to(tl.float16)
+
     acc0 = tl.zeros([BLOCK_M, FWV], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, FWV], dtype=tl.float32)
     if FIELDS == 4:
@@ -251,17 +280,17 @@ def turboquant_attention_kernel(
         block = tl.load(table_ptr + tok // PAGE, mask=in_range, other=0).to(tl.int64)
         slot = tok % PAGE
 
-        k_main, k_extra = _load_words(kc_head + block * stride_kcb + slot * stride_kct, in_range, BITS, FW // 4)
+        k_main, k_extra = _load_words(kc_head + block * stride_kcb + slot * stride_kct, in_range, BITS, FW // 4, LOOKUP)
         k_norm = tl.load(kn_head + block * stride_knb + slot * stride_knt, mask=in_range, other=0.0).to(tl.float32)
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        s = _dot(q0, tl.trans(_field(k_main, k_extra, k_table_ptr, 0, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+        s = _dot(q0, tl.trans(_field(k_main, k_extra, k_table_ptr, 0, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
                  PRECISION, UPCAST)
-        s = _dot(q1, tl.trans(_field(k_main, k_extra, k_table_ptr, 1, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+        s = _dot(q1, tl.trans(_field(k_main, k_extra, k_table_ptr, 1, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
                  PRECISION, UPCAST)
         if FIELDS == 4:
-            s = _dot(q2, tl.trans(_field(k_main, k_extra, k_table_ptr, 2, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+            s = _dot(q2, tl.trans(_field(k_main, k_extra, k_table_ptr, 2, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
                      PRECISION, UPCAST)
-            s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE)), s,
+            s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
                      PRECISION, UPCAST)
         s = s * row_scale[:, None] * k_norm[None, :]
         visible = in_range[None, :] & row_valid[:, None]
@@ -276,17 +305,17 @@ def turboquant_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4)
+        v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4, LOOKUP)
         v_norm = tl.load(vn_head + block * stride_vnb + slot * stride_vnt, mask=in_range, other=0.0).to(tl.float32)
         p = (p * (v_norm * value_scale)[None, :]).to(COMPUTE_DTYPE)
-        acc0 = _dot(p, _field(v_main, v_extra, v_table_ptr, 0, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+        acc0 = _dot(p, _field(v_main, v_extra, v_table_ptr, 0, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
                     acc0 * alpha[:, None], PRECISION, UPCAST)
-        acc1 = _dot(p, _field(v_main, v_extra, v_table_ptr, 1, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+        acc1 = _dot(p, _field(v_main, v_extra, v_table_ptr, 1, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
                     acc1 * alpha[:, None], PRECISION, UPCAST)
         if FIELDS == 4:
-            acc2 = _dot(p, _field(v_main, v_extra, v_table_ptr, 2, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+            acc2 = _dot(p, _field(v_main, v_extra, v_table_ptr, 2, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
                         acc2 * alpha[:, None], PRECISION, UPCAST)
-            acc3 = _dot(p, _field(v_main, v_extra, v_table_ptr, 3, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE),
+            acc3 = _dot(p, _field(v_main, v_extra, v_table_ptr, 3, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
                         acc3 * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
 
