@@ -77,13 +77,15 @@ def _load_words(row_ptr, row_mask, BITS: tl.constexpr, WORDS: tl.constexpr, LOOK
     if LOOKUP == 3:
         offs_b = tl.arange(0, 4 * WORDS)
         main = tl.load(row_ptr[:, None] + offs_b[None, :], mask=row_mask[:, None], other=0)
-        return main, main
-    offs_w = tl.arange(0, WORDS)
-    main = tl.load(row_ptr[:, None] + offs_w[None, :], mask=row_mask[:, None], other=0)
-    if BITS == 3:
-        extra = tl.load(row_ptr[:, None] + WORDS + (offs_w % (WORDS // 2))[None, :], mask=row_mask[:, None], other=0)
-    else:
         extra = main
+    else:
+        offs_w = tl.arange(0, WORDS)
+        main = tl.load(row_ptr[:, None] + offs_w[None, :], mask=row_mask[:, None], other=0)
+        if BITS == 3:
+            extra = tl.load(row_ptr[:, None] + WORDS + (offs_w % (WORDS // 2))[None, :], mask=row_mask[:, None],
+                            other=0)
+        else:
+            extra = main
     return main, extra
 
 
@@ -135,37 +137,39 @@ def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: 
     in ``OUT_DTYPE``; column ``4w + k`` is byte ``k`` of main word ``w``
     (``LOOKUP == 3``: ``main`` holds the bytes; ``c0..c3`` the cubic)."""
     if LOOKUP == 3:
-        return _cubic_field(main, F, c0, c1, c2, c3).to(OUT_DTYPE)
-    rows: tl.constexpr = main.shape[0]
-    words: tl.constexpr = main.shape[1]
-    if BITS == 4:
-        shift: tl.constexpr = 4 * F
-        mask: tl.constexpr = 15
+        out = _cubic_field(main, F, c0, c1, c2, c3)
     else:
-        shift: tl.constexpr = 2 * F
-        mask: tl.constexpr = 3
-    if LOOKUP == 2:
-        # PTX table lookups; every element carries its own word and shift (see decode_asm).
-        byte_shift = tl.arange(0, 4) * 8 + shift
-        word = tl.broadcast_to(main[:, :, None], [rows, words, 4])
-        shifts = tl.broadcast_to(byte_shift[None, None, :], [rows, words, 4])
-        if BITS == 3:
-            top_shift = byte_shift[None, None, :] + (tl.arange(0, words) // (words // 2))[None, :, None]
-            value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                                              [word, tl.broadcast_to(extra[:, :, None], [rows, words, 4]), shifts,
-                                               tl.broadcast_to(top_shift, [rows, words, 4])],
-                                              dtype=tl.float16, is_pure=True, pack=4)
+        rows: tl.constexpr = main.shape[0]
+        words: tl.constexpr = main.shape[1]
+        if BITS == 4:
+            shift: tl.constexpr = 4 * F
+            mask: tl.constexpr = 15
         else:
-            value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r", [word, shifts],
-                                              dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        byte_shift = tl.arange(0, 4) * 8 + shift
-        code = (main[:, :, None] >> byte_shift[None, None, :]) & mask
-        if BITS == 3:
-            top_shift = byte_shift[None, None, :] + (tl.arange(0, words) // (words // 2))[None, :, None]
-            code = code | (((extra[:, :, None] >> top_shift) & 1) << 2)
-        value = _centroids(code, table_ptr, BITS, LOOKUP)
-    return tl.reshape(value, [rows, 4 * words]).to(OUT_DTYPE)
+            shift: tl.constexpr = 2 * F
+            mask: tl.constexpr = 3
+        if LOOKUP == 2:
+            # PTX table lookups; every element carries its own word and shift (see decode_asm).
+            byte_shift = tl.arange(0, 4) * 8 + shift
+            word = tl.broadcast_to(main[:, :, None], [rows, words, 4])
+            shifts = tl.broadcast_to(byte_shift[None, None, :], [rows, words, 4])
+            if BITS == 3:
+                top_shift = byte_shift[None, None, :] + (tl.arange(0, words) // (words // 2))[None, :, None]
+                value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                                  [word, tl.broadcast_to(extra[:, :, None], [rows, words, 4]), shifts,
+                                                   tl.broadcast_to(top_shift, [rows, words, 4])],
+                                                  dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                value = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r", [word, shifts],
+                                                  dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            byte_shift = tl.arange(0, 4) * 8 + shift
+            code = (main[:, :, None] >> byte_shift[None, None, :]) & mask
+            if BITS == 3:
+                top_shift = byte_shift[None, None, :] + (tl.arange(0, words) // (words // 2))[None, :, None]
+                code = code | (((extra[:, :, None] >> top_shift) & 1) << 2)
+            value = _centroids(code, table_ptr, BITS, LOOKUP)
+        out = tl.reshape(value, [rows, 4 * words])
+    return out.to(OUT_DTYPE)
 
 
 @triton.jit
