@@ -8,7 +8,7 @@ One run does everything:
    (the reference dequantizes), decode with splits, multi-token decode and
    prefill, both centroid lookups;
 3. a small config sweep per format (lookup, keys per step, warps) at
-   B=16 and B=1, L=32k;
+   B=16 and B=1, L=32k (``--no-sweep``: the backend's default plan);
 4. decode timings at L = 4k / 32k / 128k, B = 1 / 4 / 16, for
    turboquant2/3/4 (best swept config), torch SDPA on contiguous bf16 K/V
    and the attention_triton plugin on bf16 pages (when importable); bytes
@@ -20,7 +20,7 @@ Timings replay CUDA graphs that rotate over several input sets (at least
 for timing hold random bytes (every byte pattern is valid codes) and random
 positive norms; correctness uses real quantized data.
 
-    python benchmarks/bench_turboquant.py [--quick] [--out DIR]
+    python benchmarks/bench_turboquant.py [--quick] [--no-sweep] [--out DIR]
 
 On the device machine the plugins are not pip-installed: put core/src and
 plugins/{quant_turboquant,attention_triton}/src on PYTHONPATH; the script
@@ -400,6 +400,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (also what the CPU smoke run uses)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--no-sweep", action="store_true", help="time the backend's default plan only (what the engine runs)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick or device == "cpu"
@@ -423,7 +424,12 @@ def main(argv=None):
     results["checks"], lookups = check_correctness(device, gen, quick)
     save()
     log(f"correctness done, lookups that passed: {lookups} ({time.time() - t0:.0f}s)")
-    results["best"], results["sweep"] = sweep(device, gen, quick, lookups)
+    if args.no_sweep:
+        from kernelplane_quant_turboquant.quantizer import FORMAT_BITS
+
+        results["best"], results["sweep"] = {fmt: dict(bits=FORMAT_BITS[fmt]) for fmt in FORMATS}, []
+    else:
+        results["best"], results["sweep"] = sweep(device, gen, quick, lookups)
     save()
     log(f"sweep done ({time.time() - t0:.0f}s)")
     results["decode"] = bench_decode(device, gen, roofs["copy"], results["best"], have_triton, quick)
