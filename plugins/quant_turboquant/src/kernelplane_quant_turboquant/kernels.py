@@ -287,15 +287,15 @@ def turboquant_attention_kernel(
         k_main, k_extra = _load_words(kc_head + block * stride_kcb + slot * stride_kct, in_range, BITS, FW // 4, LOOKUP)
         k_norm = tl.load(kn_head + block * stride_knb + slot * stride_knt, mask=in_range, other=0.0).to(tl.float32)
         s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        s = _dot(q0, tl.trans(_field(k_main, k_extra, k_table_ptr, 0, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
-                 PRECISION, UPCAST)
-        s = _dot(q1, tl.trans(_field(k_main, k_extra, k_table_ptr, 1, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
-                 PRECISION, UPCAST)
+        s = _dot(q0, tl.trans(_field(k_main, k_extra, k_table_ptr, 0, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+                                     kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
+        s = _dot(q1, tl.trans(_field(k_main, k_extra, k_table_ptr, 1, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+                                     kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
         if FIELDS == 4:
-            s = _dot(q2, tl.trans(_field(k_main, k_extra, k_table_ptr, 2, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
-                     PRECISION, UPCAST)
-            s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE, kc0, kc1, kc2, kc3)), s,
-                     PRECISION, UPCAST)
+            s = _dot(q2, tl.trans(_field(k_main, k_extra, k_table_ptr, 2, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+                                         kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
+            s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+                                         kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
         s = s * row_scale[:, None] * k_norm[None, :]
         visible = in_range[None, :] & row_valid[:, None]
         if CAUSAL:

@@ -1,0 +1,107 @@
+"""Instructions per decoded element in the TurboQuant decode kernel's main loop (no GPU needed).
+
+Compiles ``turboquant_attention_kernel`` for an H100 (sm_90) with the Triton
+installed here, disassembles it with the ``nvdisasm`` that ships inside
+Triton, finds the main loop (the longest backward branch) and divides its
+instruction count by the K and V elements one thread decodes per iteration.
+At 3 TB/s an H100 can issue about 2.4 instructions per thread per 2-bit
+element (4.8 at 4 bits), so this count says how far from the memory roofline
+a decoder can get. Decode shapes: GQA 32/8 (16-row tiles), head dim 128,
+pages of 16, the backend's tile size for each decoder.
+
+    python benchmarks/count_sass.py
+
+Match the Triton version of the GPU you care about: code generation changes
+between releases.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernelplane_quant_turboquant import kernels
+from kernelplane_quant_turboquant.codec import TurboQuantCodec
+from kernelplane_quant_turboquant.decode_asm import decode_asm
+
+HKV, GROUP, D, PAGE = 8, 4, 128, 16
+CASES = [  # (bits, lookup, keys per step, pipeline stages): each decoder at the backend's tile
+    (2, 1, 64, 2), (2, 2, 64, 2), (2, 3, 128, 3), (3, 1, 64, 2), (3, 2, 64, 2), (4, 1, 64, 2), (4, 2, 64, 2),
+]
+POINTERS = dict(q_ptr="*bf16", part_ptr="*fp32", lse_ptr="*fp32", kn_ptr="*fp16", vn_ptr="*fp16",
+                k_table_ptr="*fp32", v_table_ptr="*fp32", qrot_hi_ptr="*bf16", qrot_lo_ptr="*bf16",
+                block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32")
+SCALARS = dict(num_kv_heads="i32", score_scale="fp32", value_scale="fp32", window="i32", tokens_per_split="i32",
+               stride_qt="i32", stride_qh="i32", stride_pt="i32", stride_ph="i32", stride_ps="i32",
+               stride_lt="i32", stride_lh="i32", stride_bt="i32")
+
+
+def compile_case(bits: int, lookup: int, block_n: int, stages: int):
+    fn = kernels.turboquant_attention_kernel
+    row = D * bits // 8 if lookup == 3 else D * bits // 32  # bytes, or int32 words
+    code_ptr = "*u8" if lookup == 3 else "*i32"
+    table = TurboQuantCodec(bits, D, seed=1).table
+    asm = decode_asm(bits, table) if lookup == 2 else ""
+    constants = dict(
+        stride_kcb=HKV * PAGE * row, stride_kct=row, stride_kch=PAGE * row,
+        stride_knb=HKV * PAGE, stride_knt=1, stride_knh=PAGE,
+        stride_vcb=HKV * PAGE * row, stride_vct=row, stride_vch=PAGE * row,
+        stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE,
+        GROUP=GROUP, BLOCK_M=16, BLOCK_Q=1, BLOCK_N=block_n, PAGE=PAGE, HEAD_DIM=D, HEAD_DIM_V=D, ROT_CHUNK=32,
+        BITS=bits, FIELDS=4 if bits < 4 else 2, LOOKUP=lookup, K_ASM=asm, V_ASM=asm, CAUSAL=True, HAS_WINDOW=False,
+        COMPUTE_DTYPE=tl.float16, PRECISION="ieee", UPCAST=False)
+    signature = dict(POINTERS, kc_ptr=code_ptr, vc_ptr=code_ptr, **SCALARS)
+    signature.update({name: "constexpr" for name in constants})
+    # As at a real launch: tensors 16-byte aligned, strides multiples of 16.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if signature.get(name, "").startswith("*") or (name.startswith("stride") and name not in constants)}
+    source = ASTSource(fn=fn, signature=signature, attrs=aligned,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
+
+
+def main_loop(cubin: bytes) -> list[str]:
+    """Opcodes of the longest loop in the disassembly."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    labels, ops, loops = {}, [], []
+    for line in text.splitlines():
+        label = re.match(r"^\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        inst = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if inst:
+            ops.append(inst.group(1).split(".")[0])
+            target = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", line)
+            if target and target.group(1) in labels and labels[target.group(1)] < len(ops) - 1:
+                loops.append((labels[target.group(1)], len(ops)))
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    return ops[start:end]
+
+
+def main() -> int:
+    print(f"triton {triton.__version__}, target sm_90, GQA {GROUP * HKV}/{HKV}, head dim {D}, 4 warps")
+    print("| bits | decoder | keys/step | loop instructions | per K/V element | most frequent |")
+    print("|---|---|---|---|---|---|")
+    names = {1: "select tree", 2: "PTX prmt", 3: "float16 cubic"}
+    for bits, lookup, block_n, stages in CASES:
+        ops = main_loop(compile_case(bits, lookup, block_n, stages).asm["cubin"])
+        per_thread = block_n * D * 2 / 128  # K and V elements per thread per iteration
+        top = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(5))
+        print(f"| {bits} | {names[lookup]} | {block_n} | {len(ops)} | {len(ops) / per_thread:.2f} | {top} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
