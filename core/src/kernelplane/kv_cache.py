@@ -14,6 +14,7 @@ latent ``key: [num_blocks, block_size, 1, head_dim]`` and no ``value``: V is
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -95,6 +96,27 @@ def write_plain(pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor]
     if not pages.mla:
         flat_v = pages.tensors["value"].view(-1, pages.num_kv_heads, pages.head_dim_v)
         flat_v.index_copy_(0, slot_mapping, value.to(flat_v.dtype))
+
+
+_placeholder_depth = 0
+
+
+@contextlib.contextmanager
+def placeholder_writes():
+    """Marks K/V writes that carry no real tokens (the engine's CUDA-graph
+    warm-up and capture write dummy rows into a scratch block). A quantizer
+    that learns something from the data it first sees (an offset, a scale)
+    must skip these writes: ``writing_placeholders()`` tells it."""
+    global _placeholder_depth
+    _placeholder_depth += 1
+    try:
+        yield
+    finally:
+        _placeholder_depth -= 1
+
+
+def writing_placeholders() -> bool:
+    return _placeholder_depth > 0
 
 
 def write_kv(pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor], slot_mapping: torch.Tensor) -> None:

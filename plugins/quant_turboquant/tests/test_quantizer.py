@@ -108,3 +108,43 @@ def test_selected_for_its_formats_only(fresh_registry):
         assert sel.chosen.name == "rtn"
         with pytest.raises(SelectionError, match=r"turboquant .*refused: head_dim 60 not supported \(a multiple of 32\)"):
             select("kv_quantizer", KVQuantRequest(format="turboquant2", num_kv_heads=2, head_dim=60))
+
+
+def test_placeholder_writes_leave_the_offset_unset_and_the_buffer_stays_put():
+    # CUDA graphs capture the subtraction of one buffer: it must exist from allocation on,
+    # hold zeros until the first real write, and never be replaced.
+    from kernelplane.kv_cache import placeholder_writes
+
+    q = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant2", num_kv_heads=2, head_dim=64))
+    pages = q.allocate(3, 16, 2, 64, 64, "cpu")
+    buffer = q._offset_entry(pages).mu
+    gen = torch.Generator().manual_seed(5)
+    dummy = torch.randn(4, 2, 64, generator=gen) + 7.0
+    with placeholder_writes():
+        q.write(pages, dummy, dummy, torch.arange(44, 48))
+    assert q.key_offset(pages) is None and torch.count_nonzero(buffer) == 0
+    keys = torch.randn(20, 2, 64, generator=gen) + 2.0
+    q.write(pages, keys, keys, torch.arange(20))
+    assert q.key_offset(pages) is buffer and torch.allclose(buffer, keys.mean(0))
+    q.write(pages, keys[:3] * 2, keys[:3], torch.arange(20, 23))  # later writes keep the offset
+    assert q.key_offset(pages) is buffer and torch.allclose(buffer, keys.mean(0))
+
+
+def test_the_engine_primes_the_offset_before_any_request():
+    from kernelplane.engine import EngineConfig, LLMEngine, SamplingParams
+    from kernelplane.models import load_model
+
+    lm = load_model("default", device="cpu", dtype="float32", progress=False)
+    offsets = []
+    for first_prompt in ("Hello there", "def main():\n    return 0"):
+        engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", kv_cache_dtype="turboquant3", max_model_len=128,
+                                        attention_backend="reference", max_num_seqs=2, num_kv_blocks=32), loaded=lm)
+        quantizer = engine.selections["kv_quantizer"].implementation
+        before = [quantizer.key_offset(p).clone() for p in engine.kv_caches]
+        out = engine.generate([first_prompt], SamplingParams(max_tokens=3, temperature=0))
+        assert len(out[0].token_ids) == 3
+        after = [quantizer.key_offset(p) for p in engine.kv_caches]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))  # the first request changed nothing
+        offsets.append(before)
+    # Set by the fixed priming text, so the same on every start whatever comes first.
+    assert all(torch.equal(a, b) for a, b in zip(*offsets))

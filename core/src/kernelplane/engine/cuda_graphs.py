@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..kv_cache import AttentionMetadata
+from ..kv_cache import AttentionMetadata, placeholder_writes
 
 log = logging.getLogger("kernelplane")
 
@@ -68,12 +68,13 @@ class StepGraphs:
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(b)
             n = b * self.q
-            for _ in range(2):  # compile kernels and settle allocations outside the graph
-                self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, meta)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, meta)
+            with placeholder_writes():  # dummy rows: no quantizer may learn from them
+                for _ in range(2):  # compile kernels and settle allocations outside the graph
+                    self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, meta)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, meta)
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[b] = (graph, hidden)

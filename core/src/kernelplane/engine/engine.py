@@ -34,6 +34,10 @@ from .request import Request
 from .sampler import sample_batch, target_probs_batch, token_logprobs
 
 log = logging.getLogger("kernelplane")
+# Written once into the cache at start-up when the KV cache is quantized (see _prime_quantizer).
+KV_PRIMING_TEXT = ("The museum opened its new wing on a rainy Tuesday. Visitors asked about the paintings, the "
+                   "price of tickets and where to find lunch; a guide explained that the oldest piece was carved "
+                   "around 1200 and had travelled through three countries before arriving here.")
 
 CPU_KV_CACHE_BYTES = 2 * 2**30  # cap on an automatically sized CPU cache
 GPU_MEMORY_FRACTION = 0.85  # of the memory free after loading the model
@@ -121,6 +125,8 @@ class LLMEngine:
                 log.info("engine: fused norms, RoPE and SwiGLU with torch.compile in %.1f s", time.perf_counter() - t0)
 
         self.kv_caches = self._allocate_cache(kv_format, quantizer)
+        if quantizer is not None:
+            self._prime_quantizer()
         # CUDA graphs by tokens per sequence: 1 (decode), 1 + k (verifying k drafts).
         self.step_graphs: dict[int, StepGraphs] = {}
         usable_blocks = self.num_kv_blocks
@@ -144,6 +150,17 @@ class LLMEngine:
                  asel.chosen.name, kv_format, self.num_kv_blocks, self.block_size, self.kv_cache_bytes / 2**20)
 
     # ---- KV cache -------------------------------------------------------
+    @torch.inference_mode()
+    def _prime_quantizer(self) -> None:
+        """One prefill of a fixed English text into blocks no request owns yet,
+        before any CUDA graph is captured: a quantizer that learns from its
+        first write (TurboQuant's key offset) then learns from real text, the
+        same on every start, and graph replays find what it learned in place."""
+        ids = self.tokenizer.encode(KV_PRIMING_TEXT)[: self.num_kv_blocks * self.block_size]
+        blocks = list(range(math.ceil(len(ids) / self.block_size)))
+        meta = AttentionMetadata.build([len(ids)], [len(ids)], [blocks], self.block_size, self.device)
+        self.model(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device), self.kv_caches, meta)
+
     def _allocate_cache(self, kv_format: str, quantizer) -> list[KVPages]:
         mc = self.model_config
         if quantizer is None:

@@ -54,6 +54,10 @@ def next_pow2(n: int) -> int:
 class TurboQuantAttention:
     """Paged MHA/GQA/MQA attention over ``turboquant{2,3,4}`` pages in Triton."""
 
+    # forward has no host syncs: the plan depends only on host-side metadata
+    # sizes, and the quantizer's key offset is a buffer read in place.
+    supports_cuda_graphs = True
+
     def __init__(self, request: AttentionRequest, sm_count: Optional[int] = None):
         self.request = request
         self.group = request.num_heads // request.num_kv_heads

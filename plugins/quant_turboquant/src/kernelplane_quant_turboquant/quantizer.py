@@ -17,8 +17,10 @@ Two choices beyond the paper's MSE quantizer, both measured on SmolLM2-135M
 (see BENCHMARKS.md) and both free at attention time:
 
 - key centering: keys are stored as ``k - mu``, ``mu`` the mean key (per KV
-  head) of the first write into the layer's pages, kept for the pages'
-  lifetime. A softmax is unchanged when every logit of a query moves by the
+  head) of the first real write into the layer's pages (the engine primes
+  its cache with a fixed text at start-up), kept for the pages' lifetime in a
+  buffer that CUDA graphs read in place (zeros before that first write;
+  writes under ``kv_cache.placeholder_writes()`` never set it). A softmax is unchanged when every logit of a query moves by the
   same ``q . mu``, so attention reads the centered codes as they are; only
   ``dequantize`` adds ``mu`` back. Real keys share a large common component
   (55-75 % of their squared norm in SmolLM2), and the quantization error
@@ -29,12 +31,13 @@ Two choices beyond the paper's MSE quantizer, both measured on SmolLM2-135M
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from kernelplane import KVPages, KVQuantRequest
-from kernelplane.kv_cache import torch_dtype
+from kernelplane.kv_cache import torch_dtype, writing_placeholders
 
 from .codec import NORM_DTYPE, TurboQuantCodec
 
@@ -52,6 +55,13 @@ def format_bits(fmt: str) -> int:
         raise ValueError(f"unknown TurboQuant format {fmt!r}: expected one of {', '.join(FORMAT_BITS)}") from None
 
 
+@dataclass
+class _KeyOffset:
+    codes: weakref.ref  # the pages' key_codes tensor
+    mu: torch.Tensor  # [heads, head_dim] float32, zeros until is_set
+    is_set: bool = False
+
+
 class TurboQuantKVQuantizer:
     """``KVQuantizer`` for one TurboQuant format and one model's head dims."""
 
@@ -67,7 +77,7 @@ class TurboQuantKVQuantizer:
         self.value_codec = TurboQuantCodec(self.bits, request.v_dim, _SEED["value"] + request.v_dim, norm_mode)
         # Key offsets per layer's pages, found by their key_codes tensor (checked by a weak
         # reference, so a new tensor that reuses a freed one's id never inherits its offset).
-        self._key_offsets: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self._key_offsets: dict[int, _KeyOffset] = {}
 
     def codec(self, plane: str) -> TurboQuantCodec:
         return self.key_codec if plane == "key" else self.value_codec
@@ -87,7 +97,9 @@ class TurboQuantKVQuantizer:
             norms = torch.zeros(num_blocks, num_kv_heads, block_size, dtype=NORM_DTYPE, device=device)
             tensors[f"{plane}_codes"] = codes.permute(0, 2, 1, 3)
             tensors[f"{plane}_norm"] = norms.permute(0, 2, 1)
-        return KVPages(self.format, block_size, num_kv_heads, head_dim, head_dim_v, tensors, quantizer=self)
+        pages = KVPages(self.format, block_size, num_kv_heads, head_dim, head_dim_v, tensors, quantizer=self)
+        self._offset_entry(pages)  # the buffer exists before any CUDA graph is captured
+        return pages
 
     def write(self, pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor], slot_mapping: torch.Tensor) -> None:
         if value is None:
@@ -98,7 +110,9 @@ class TurboQuantKVQuantizer:
             if x.dim() != 3 or x.shape[1] != pages.num_kv_heads:
                 raise ValueError(f"{plane} must be [tokens, {pages.num_kv_heads}, dim], got {tuple(x.shape)}")
             if plane == "key" and self.center_keys and x.shape[0] > 0:
-                x = x.float() - self.key_offset(pages, first_keys=x)
+                self.key_offset(pages, first_keys=x)
+                # The buffer itself (zeros until set), so a captured graph subtracts whatever it holds.
+                x = x.float() - self._offset_entry(pages).mu
             codes, norms = self.codec(plane).encode(x)
             pages.tensors[f"{plane}_codes"][blocks, offsets] = codes
             pages.tensors[f"{plane}_norm"][blocks, offsets] = norms
@@ -116,17 +130,22 @@ class TurboQuantKVQuantizer:
 
     def key_offset(self, pages: KVPages, first_keys: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The offset ``mu [heads, head_dim]`` subtracted from these pages' keys
-        (None before the first write). ``first_keys``: set it from them if unset."""
+        (None before the first real write). ``first_keys``: set it from them if
+        unset, unless these are placeholder writes."""
+        entry = self._offset_entry(pages)
+        if not entry.is_set and first_keys is not None and not writing_placeholders():
+            entry.mu.copy_(first_keys.float().mean(dim=0))
+            entry.is_set = True
+        return entry.mu if entry.is_set else None
+
+    def _offset_entry(self, pages: KVPages) -> "_KeyOffset":
         codes = pages.tensors["key_codes"]
         entry = self._key_offsets.get(id(codes))
-        if entry is not None and entry[0]() is codes:
-            return entry[1]
-        if first_keys is None:
-            return None
-        mu = first_keys.float().mean(dim=0)
-        self._key_offsets = {k: v for k, v in self._key_offsets.items() if v[0]() is not None}
-        self._key_offsets[id(codes)] = (weakref.ref(codes), mu)
-        return mu
+        if entry is None or entry.codes() is not codes:
+            self._key_offsets = {k: v for k, v in self._key_offsets.items() if v.codes() is not None}
+            mu = torch.zeros(pages.num_kv_heads, pages.head_dim, dtype=torch.float32, device=codes.device)
+            entry = self._key_offsets[id(codes)] = _KeyOffset(weakref.ref(codes), mu)
+        return entry
 
     def _check_dims(self, head_dim: int, head_dim_v: int) -> None:
         if (head_dim, head_dim_v) != (self.key_codec.dim, self.value_codec.dim):
