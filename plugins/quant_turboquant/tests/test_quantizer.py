@@ -93,7 +93,7 @@ def test_bad_input():
     pages = q.allocate(2, 16, 2, 64, 64, "cpu")
     with pytest.raises(ValueError, match="need both key and value"):
         q.write(pages, torch.randn(1, 2, 64), None, torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"key must be \[tokens, 2, dim\]"):
+    with pytest.raises(ValueError, match=r"key must be \[tokens, 2, 64\]"):
         q.write(pages, torch.randn(1, 3, 64), torch.randn(1, 3, 64), torch.tensor([0]))
     with pytest.raises(ValueError, match="unknown TurboQuant format"):
         _quantizer("turboquant7")

@@ -30,6 +30,9 @@ Two choices beyond the paper's MSE quantizer, both measured on SmolLM2-135M
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +45,12 @@ from kernelplane.kv_cache import torch_dtype, writing_placeholders
 from .codec import NORM_DTYPE, TurboQuantCodec
 
 FORMAT_BITS = {"turboquant2": 2, "turboquant3": 3, "turboquant4": 4}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_compiles() -> bool:
+    """Triton is installed (an optional extra) and compiles rather than interprets."""
+    return importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1"
 # The rotation's seed is a fixed function of the plane and the dim: caches
 # written by one process can be read by another.
 _SEED = {"key": 0x7C5A_0001, "value": 0x7C5A_0002}
@@ -65,7 +74,13 @@ class _KeyOffset:
 class TurboQuantKVQuantizer:
     """``KVQuantizer`` for one TurboQuant format and one model's head dims."""
 
-    def __init__(self, request: KVQuantRequest, norm_mode: Optional[str] = None, center_keys: bool = True):
+    def __init__(self, request: KVQuantRequest, norm_mode: Optional[str] = None, center_keys: bool = True,
+                 fused_write: Optional[bool] = None):
+        """``fused_write``: quantize and store in one Triton kernel (``write_kernel``).
+        Default: only where ``KERNELPLANE_TURBOQUANT_FUSED_WRITE=1`` and the rows are
+        CUDA tensors that Triton compiles for; the kernel passes its tests in the
+        interpreter but has not yet been checked on a GPU, so the PyTorch path
+        stays the default."""
         if request.kind != "mha":
             raise ValueError("TurboQuant stores separate K and V vectors: MLA latent caches are not supported")
         self.format = request.format
@@ -73,6 +88,7 @@ class TurboQuantKVQuantizer:
         self.out_dtype = torch_dtype(request.dtype)
         norm_mode = norm_mode or DEFAULT_NORM_MODE[self.bits]
         self.center_keys = center_keys
+        self.fused_write = fused_write
         self.key_codec = TurboQuantCodec(self.bits, request.head_dim, _SEED["key"] + request.head_dim, norm_mode)
         self.value_codec = TurboQuantCodec(self.bits, request.v_dim, _SEED["value"] + request.v_dim, norm_mode)
         # Key offsets per layer's pages, found by their key_codes tensor (checked by a weak
@@ -105,17 +121,32 @@ class TurboQuantKVQuantizer:
         if value is None:
             raise ValueError("TurboQuant pages need both key and value")
         slots = slot_mapping.long()
-        blocks, offsets = slots // pages.block_size, slots % pages.block_size
+        fused = self.fused_write
+        if fused is None:
+            fused = key.is_cuda and _triton_compiles() and os.environ.get("KERNELPLANE_TURBOQUANT_FUSED_WRITE") == "1"
+        blocks, offsets = (None, None) if fused else (slots // pages.block_size, slots % pages.block_size)
         for plane, x in (("key", key), ("value", value)):
-            if x.dim() != 3 or x.shape[1] != pages.num_kv_heads:
-                raise ValueError(f"{plane} must be [tokens, {pages.num_kv_heads}, dim], got {tuple(x.shape)}")
-            if plane == "key" and self.center_keys and x.shape[0] > 0:
+            if x.dim() != 3 or x.shape[1] != pages.num_kv_heads or x.shape[2] != self.codec(plane).dim:
+                raise ValueError(f"{plane} must be [tokens, {pages.num_kv_heads}, {self.codec(plane).dim}], "
+                                 f"got {tuple(x.shape)}")
+            if x.shape[0] == 0:
+                continue
+            offset = None
+            if plane == "key" and self.center_keys:
                 self.key_offset(pages, first_keys=x)
                 # The buffer itself (zeros until set), so a captured graph subtracts whatever it holds.
-                x = x.float() - self._offset_entry(pages).mu
-            codes, norms = self.codec(plane).encode(x)
-            pages.tensors[f"{plane}_codes"][blocks, offsets] = codes
-            pages.tensors[f"{plane}_norm"][blocks, offsets] = norms
+                offset = self._offset_entry(pages).mu
+            codes, norms = pages.tensors[f"{plane}_codes"], pages.tensors[f"{plane}_norm"]
+            if fused:
+                from . import write_kernel  # Triton is optional: imported only when used
+
+                write_kernel.launch(self.codec(plane), x, offset, codes, norms, slots, pages.block_size)
+                continue
+            if offset is not None:
+                x = x.float() - offset
+            packed, lengths = self.codec(plane).encode(x)
+            codes[blocks, offsets] = packed
+            norms[blocks, offsets] = lengths
 
     def dequantize(self, pages: KVPages, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = []

@@ -1,0 +1,108 @@
+"""Quantize-on-write in one Triton kernel: K or V rows straight into TurboQuant pages.
+
+The PyTorch path (``codec.encode`` then two scatters) runs a dozen kernels per
+plane and layer: subtract the key offset, norm, rotation product, bucketing,
+code mapping, norm rescaling, packing, and the scatters. On a GPU that is
+most of what a TurboQuant decode step adds over a bfloat16 one. Here one
+program takes one (token, KV head): it loads the row, subtracts the offset,
+rotates it (a ``dim x dim`` product in column chunks, the matrix stays in
+L2), finds each coordinate's cell by counting the thresholds below it,
+rescales the norm as the codec's ``norm_mode`` asks, packs the codes in the
+layout of ``packing`` and stores codes and norm at the row's slot.
+
+Same arithmetic as the codec, in float32; a coordinate that lies within
+rounding of a threshold may land in the neighbouring cell (tests bound how
+often).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .packing import main_bits, num_fields
+
+NORM_MODE_IDS = {"mse": 0, "length": 1, "unbiased": 2}
+_FP16_MAX = 65504.0
+
+
+@triton.jit
+def quantize_write_kernel(
+    x_ptr, offset_ptr, rot_ptr, thresholds_ptr, code_of_cell_ptr, table_ptr, slot_ptr, codes_ptr, norms_ptr,
+    stride_xt, stride_xh, stride_rj, stride_rk,
+    stride_cb, stride_ct, stride_ch, stride_nb, stride_nt, stride_nh,
+    PAGE: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr, FIELDS: tl.constexpr, MAIN_BITS: tl.constexpr,
+    KCHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_MODE: tl.constexpr,
+):
+    """Grid: (tokens, KV heads). ``rot_ptr``: the codec's float32 rotation
+    ``R`` (rotated ``y = R x``); ``codes_ptr``/``norms_ptr``: the page tensors
+    with strides (block, slot in block, head)."""
+    FW: tl.constexpr = DIM // FIELDS
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    block = slot // PAGE
+    in_block = slot % PAGE
+
+    offs_f = tl.arange(0, FIELDS)
+    offs_i = tl.arange(0, FW)
+    coord = offs_f[:, None] * FW + offs_i[None, :]  # [FIELDS, FW]: code j = f * FW + i
+    row = x_ptr + token * stride_xt + head * stride_xh
+
+    # y = R x, as [FIELDS, FW], over column chunks of x.
+    y = tl.zeros([FIELDS, FW], dtype=tl.float32)
+    sq = tl.zeros([KCHUNK], dtype=tl.float32)
+    offs_k = tl.arange(0, KCHUNK)
+    for k0 in tl.static_range(0, DIM, KCHUNK):
+        x = tl.load(row + k0 + offs_k).to(tl.float32)
+        if HAS_OFFSET:
+            x -= tl.load(offset_ptr + head * DIM + k0 + offs_k)
+        sq += x * x
+        r = tl.load(rot_ptr + coord[:, :, None] * stride_rj + (k0 + offs_k)[None, None, :] * stride_rk)
+        y += tl.sum(r * x[None, None, :], axis=2)
+    norm = tl.sqrt(tl.sum(sq, axis=0))
+    y = y * (tl.sqrt(DIM * 1.0) / tl.maximum(norm, 1e-30))
+
+    # Cell = number of thresholds below y (torch.bucketize); code = code_of_cell[cell].
+    cell = tl.zeros([FIELDS, FW], dtype=tl.int32)
+    for t in tl.static_range(0, (1 << BITS) - 1):
+        cell += (y > tl.load(thresholds_ptr + t)).to(tl.int32)
+    code = tl.load(code_of_cell_ptr + cell)
+
+    if NORM_MODE != 0:
+        c = tl.load(table_ptr + code) * (1.0 / tl.sqrt(DIM * 1.0))  # decoded unit-vector coordinates
+        if NORM_MODE == 1:
+            norm = norm / tl.maximum(tl.sqrt(tl.sum(tl.sum(c * c, axis=1), axis=0)), 1e-30)
+        else:
+            along = tl.sum(tl.sum(c * y, axis=1), axis=0) * (1.0 / tl.sqrt(DIM * 1.0))
+            norm = norm / tl.maximum(along, 1e-6)
+
+    # Main part: byte i holds the low MAIN_BITS bits of code f * FW + i at bit MAIN_BITS * f.
+    low = code & ((1 << MAIN_BITS) - 1)
+    main = tl.sum(low << (offs_f[:, None] * MAIN_BITS), axis=0)  # disjoint bit fields: sum == or
+    page_row = codes_ptr + block * stride_cb + in_block * stride_ct + head * stride_ch
+    tl.store(page_row + offs_i, main.to(tl.uint8))
+    if BITS == 3:
+        # Extra part: top bit of code f * FW + i at byte i % (DIM/8), bit 2f + i // (DIM/8).
+        top = tl.reshape(code >> 2, [FIELDS, 2, DIM // 8])
+        shift = 2 * tl.arange(0, FIELDS)[:, None, None] + tl.arange(0, 2)[None, :, None]
+        extra = tl.sum(tl.sum(top << shift, axis=0), axis=0)
+        tl.store(page_row + FW + tl.arange(0, DIM // 8), extra.to(tl.uint8))
+    norm_ptr = norms_ptr + block * stride_nb + in_block * stride_nt + head * stride_nh
+    tl.store(norm_ptr, tl.minimum(norm, _FP16_MAX).to(tl.float16))
+
+
+def launch(codec, x, offset, codes, norms, slots, block_size: int) -> None:
+    """Quantize ``x [tokens, heads, dim]`` with ``codec`` into ``codes``/``norms``
+    (the pages' permuted views) at ``slots``; ``offset [heads, dim]`` or None."""
+    table, thresholds, code_of_cell, rot = codec._on(x.device)
+    tokens, heads, dim = x.shape
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    quantize_write_kernel[(tokens, heads)](
+        x, offset if offset is not None else x, rot, thresholds, code_of_cell, table, slots, codes, norms,
+        x.stride(0), x.stride(1), rot.stride(0), rot.stride(1),
+        codes.stride(0), codes.stride(1), codes.stride(2), norms.stride(0), norms.stride(1), norms.stride(2),
+        PAGE=block_size, DIM=dim, BITS=codec.bits, FIELDS=num_fields(codec.bits), MAIN_BITS=main_bits(codec.bits),
+        KCHUNK=min(16, dim), HAS_OFFSET=offset is not None, NORM_MODE=NORM_MODE_IDS[codec.norm_mode],
+        num_warps=4,
+    )

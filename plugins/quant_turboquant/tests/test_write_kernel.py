@@ -1,0 +1,55 @@
+"""The fused quantize-on-write kernel against the PyTorch path (codec.encode + scatter)."""
+import os
+
+import pytest
+import torch
+
+from kernelplane import KVQuantRequest
+from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("fmt,dim,norm_mode", [("turboquant2", 64, None), ("turboquant3", 64, None),
+                                               ("turboquant4", 128, None), ("turboquant3", 64, "length")])
+def test_fused_write_stores_what_the_codec_stores(fmt, dim, norm_mode):
+    heads, tokens, block = 2, 37, 16
+    slots = torch.randperm(5 * block, generator=torch.Generator().manual_seed(11))[:tokens].to(DEVICE)
+    pages = {}
+    for fused in (False, True):
+        q = TurboQuantKVQuantizer(KVQuantRequest(format=fmt, num_kv_heads=heads, head_dim=dim), norm_mode=norm_mode,
+                                  fused_write=fused)
+        p = q.allocate(5, block, heads, dim, dim, DEVICE)
+        for t in p.tensors.values():  # garbage where nothing is written
+            t.copy_(torch.randint(0, 255, t.shape, generator=torch.Generator().manual_seed(1)).to(t.dtype))
+        g = torch.Generator().manual_seed(2)
+        key = (torch.randn(tokens, heads, dim, generator=g) * 3 + 1.5).to(DEVICE, torch.bfloat16)
+        value = torch.randn(tokens, heads, dim, generator=g).to(DEVICE)
+        q.write(p, key, value, slots)
+        q.write(p, key[:3] * 0.5, value[:3], slots[:3])  # overwrite: later writes reuse the first offset
+        pages[fused] = (q, p)
+    (q0, p0), (q1, p1) = pages[False], pages[True]
+    assert torch.equal(q0.key_offset(p0), q1.key_offset(p1))
+    for plane in ("key", "value"):
+        c0, c1 = p0.tensors[f"{plane}_codes"], p1.tensors[f"{plane}_codes"]
+        n0, n1 = p0.tensors[f"{plane}_norm"].float(), p1.tensors[f"{plane}_norm"].float()
+        differing_bytes = (c0 != c1).float().mean().item()
+        assert differing_bytes < 0.01, f"{plane}: {differing_bytes:.3%} of code bytes differ"  # threshold ties only
+        assert torch.allclose(n0, n1, rtol=2e-3, atol=1e-3), f"{plane} norms differ"
+    k0, v0 = q0.dequantize(p0, torch.arange(5, device=DEVICE))
+    k1, v1 = q1.dequantize(p1, torch.arange(5, device=DEVICE))
+    for a, b in ((k0, k1), (v0, v1)):
+        written = torch.isfinite(a) & torch.isfinite(b)
+        assert ((a - b)[written].norm() / a[written].norm()).item() < 0.02
+
+
+def test_fused_write_skips_empty_batches_and_names_bad_shapes():
+    q = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant2", num_kv_heads=2, head_dim=64), fused_write=True)
+    p = q.allocate(2, 16, 2, 64, 64, DEVICE)
+    before = {k: t.clone() for k, t in p.tensors.items()}
+    q.write(p, torch.empty(0, 2, 64, device=DEVICE), torch.empty(0, 2, 64, device=DEVICE),
+            torch.empty(0, dtype=torch.long, device=DEVICE))
+    assert all(torch.equal(before[k], p.tensors[k]) for k in before)
+    with pytest.raises(ValueError, match=r"value must be \[tokens, 2, 64\]"):
+        q.write(p, torch.randn(1, 2, 64, device=DEVICE), torch.randn(1, 2, 32, device=DEVICE),
+                torch.zeros(1, dtype=torch.long, device=DEVICE))
