@@ -262,3 +262,14 @@ def test_invalid_sampling_params(make_engine, tiny_prompts, params, field):
     with pytest.raises(ValueError, match=field):
         engine.add_request(None, tiny_prompts[0], SamplingParams(**params))
     assert not engine.has_unfinished_requests()
+
+
+def test_a_quantized_cache_is_primed_with_real_text_before_any_request(make_engine, tiny_prompts):
+    # Quantizers that learn from their first write must see real keys, not a user's prompt
+    # or CUDA-graph dummy rows; the priming text is cut to what a small cache holds.
+    from kernelplane.engine import SamplingParams
+
+    engine = make_engine(kv_cache_dtype="int8", num_kv_blocks=3)
+    assert all(any(t[0].float().abs().sum() > 0 for t in pages.tensors.values()) for pages in engine.kv_caches)
+    out = engine.generate([tiny_prompts[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
