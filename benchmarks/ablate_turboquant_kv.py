@@ -1,0 +1,139 @@
+"""Quick ablations of TurboQuant KV-cache choices on SmolLM2-135M perplexity (CPU).
+
+Faster and more flexible than ``eval_kv_perplexity.py``: the cache is not
+paged; each layer's attention quantizes and dequantizes its whole window's
+K and V with ``TurboQuantCodec`` (keys centred on their mean as the plugin
+does, values as they are) before causal attention, so a variant is a few
+lines. Text: CPython's ``pydoc_data.topics``, as in ``eval_kv_perplexity.py``.
+
+Variants printed (perplexity, change against the float32 cache):
+- keys and/or values at 4 / 3 / 2 bits, the plugin's choices;
+- the first token (the attention sink) kept exact;
+- values centred like keys; keys centred on the first token's key;
+- 2-bit centroids moved (the shipped grid point, and small moves either way).
+
+    python benchmarks/ablate_turboquant_kv.py [--windows 2] [--window 512] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, Optional
+
+import torch
+
+from kernelplane import AttentionMetadata
+from kernelplane.kv_cache import allocate_plain_pages
+from kernelplane.models import load_model
+from kernelplane_quant_turboquant.codebook import codebook_for
+from kernelplane_quant_turboquant.codec import TurboQuantCodec
+from kernelplane_quant_turboquant.quantizer import DEFAULT_NORM_MODE
+
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def round_trip(codec: TurboQuantCodec, x: torch.Tensor, mu: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [tokens, heads, dim]`` quantized and dequantized, stored relative to ``mu``."""
+    y = x - mu if mu is not None else x
+    return codec.decode(*codec.encode(y)) + (mu if mu is not None else 0)
+
+
+class WindowAttention:
+    """An attention backend for one layer: exact causal attention over K/V passed through ``transform``."""
+
+    def __init__(self, group: int, transform: Optional[Transform]):
+        self.group, self.transform = group, transform
+
+    def forward(self, query, pages, meta):
+        n = query.shape[0]
+        k, v = pages.key.flatten(0, 1)[:n], pages.value.flatten(0, 1)[:n]
+        if self.transform is not None:
+            k, v = self.transform(k, v)
+        k, v = (t.repeat_interleave(self.group, dim=1).transpose(0, 1)[None] for t in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(query.transpose(0, 1)[None], k, v, is_causal=True)
+        return out[0].transpose(0, 1)
+
+
+@torch.inference_mode()
+def perplexity(lm, windows: list[list[int]], transform: Optional[Transform]) -> float:
+    model, c = lm.model, lm.config
+    group = c.num_heads // c.num_kv_heads
+    nll, count = 0.0, 0
+    for ids in windows:
+        n = len(ids)
+        blocks = math.ceil(n / 16)
+        caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
+                  for _ in range(c.num_layers)]
+        for layer in model.layers:
+            layer.self_attn.backend = WindowAttention(group, transform)
+        meta = AttentionMetadata.build([n], [n], [list(range(blocks))], 16)
+        logits = model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
+        logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+        nll -= logp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+        count += n - 1
+    return math.exp(nll / count)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import pydoc_data.topics as topics
+
+    lm = load_model("default", device="cpu", dtype="float32", progress=False)
+    dim = lm.config.head_dim
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    ids = lm.tokenizer.encode(text, add_special_tokens=False)
+    windows = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
+    codecs = {b: TurboQuantCodec(b, dim, seed=0x7C5A_0001 + dim, norm_mode=DEFAULT_NORM_MODE[b]) for b in (2, 3, 4)}
+
+    def variant(kbits=None, vbits=None, sink=0, center_values=False, key_mu="mean") -> Transform:
+        def transform(k, v):
+            head_k, head_v, k, v = k[:sink], v[:sink], k[sink:], v[sink:]
+            if kbits:
+                mu = k.mean(0) if key_mu == "mean" else head_k[0] if sink else k[0]
+                k = round_trip(codecs[kbits], k, mu)
+            if vbits:
+                v = round_trip(codecs[vbits], v, v.mean(0) if center_values else None)
+            return torch.cat([head_k, k]), torch.cat([head_v, v])
+        return transform
+
+    base = perplexity(lm, windows, None)
+    print(f"SmolLM2-135M, {args.windows} windows of {args.window} tokens; float32 cache: {base:.4f}")
+
+    def report(name: str, transform: Transform) -> None:
+        p = perplexity(lm, windows, transform)
+        print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
+
+    print("| variant | perplexity | change |\n|---|---|---|")
+    for bits in (4, 3):
+        report(f"keys {bits} bits", variant(kbits=bits))
+        report(f"keys {bits} bits, first token exact", variant(kbits=bits, sink=1))
+    report("values 3 bits", variant(vbits=3))
+    report("values 3 bits, first token exact", variant(vbits=3, sink=1))
+    report("keys + values 4 bits", variant(kbits=4, vbits=4))
+    report("keys + values 4 bits, first token exact", variant(kbits=4, vbits=4, sink=1))
+    report("keys + values 4 bits, values centred", variant(kbits=4, vbits=4, center_values=True))
+    report("keys + values 4 bits, keys centred on the first key", variant(kbits=4, vbits=4, key_mu="first"))
+    report("keys + values 3 bits", variant(kbits=3, vbits=3))
+    report("keys + values 3 bits, first token exact", variant(kbits=3, vbits=3, sink=1))
+    a0, b0 = codebook_for(2, dim).positive_centroids
+    shipped = tuple(codecs[2].table[:2].tolist())
+    for name, (a, b) in [("Lloyd-Max", (a0, b0)), ("shipped grid point", shipped),
+                         ("inner +0.00095", (a0 + 0.00095, b0)), ("inner +0.005", (a0 + 0.005, b0)),
+                         ("outer -0.03", (a0, b0 - 0.03)), ("outer +0.03", (a0, b0 + 0.03))]:
+        mags = torch.tensor([a, b], dtype=torch.float64)
+        codecs[2].table = torch.cat([mags, -mags]).float()
+        ascending = torch.cat([-mags.flip(0), mags])
+        codecs[2].thresholds = ((ascending[1:] + ascending[:-1]) / 2).float()
+        codecs[2]._device_cache.clear()
+        report(f"keys + values 2 bits, centroids {name} ({a:.5f}, {b:.5f})", variant(kbits=2, vbits=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
