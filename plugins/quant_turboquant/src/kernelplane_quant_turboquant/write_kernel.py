@@ -22,7 +22,7 @@ import triton.language as tl
 from .packing import main_bits, num_fields
 
 NORM_MODE_IDS = {"mse": 0, "length": 1, "unbiased": 2}
-_FP16_MAX = 65504.0
+_FP16_MAX = tl.constexpr(65504.0)
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def quantize_write_kernel(
     y = tl.zeros([FIELDS, FW], dtype=tl.float32)
     sq = tl.zeros([KCHUNK], dtype=tl.float32)
     offs_k = tl.arange(0, KCHUNK)
-    for k0 in tl.static_range(0, DIM, KCHUNK):
+    for k0 in range(0, DIM, KCHUNK):
         x = tl.load(row + k0 + offs_k).to(tl.float32)
         if HAS_OFFSET:
             x -= tl.load(offset_ptr + head * DIM + k0 + offs_k)
