@@ -9,7 +9,8 @@ element (4.8 at 4 bits), so this count says how far from the memory roofline
 a decoder can get. Decode shapes: GQA 32/8 (16-row tiles), head dim 128,
 pages of 16, the backend's tile size for each decoder.
 
-    python benchmarks/count_sass.py
+    python benchmarks/count_sass.py            # the table
+    python benchmarks/count_sass.py --check    # only compile every kernel variant (the plugin's tests run this)
 
 Match the Triton version of the GPU you care about: code generation changes
 between releases.
@@ -20,6 +21,7 @@ import collections
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
@@ -30,6 +32,7 @@ from triton.compiler import ASTSource
 from kernelplane_quant_turboquant import kernels
 from kernelplane_quant_turboquant.codec import TurboQuantCodec
 from kernelplane_quant_turboquant.decode_asm import decode_asm
+from kernelplane_quant_turboquant.packing import main_bits, num_fields
 
 HKV, GROUP, D, PAGE = 8, 4, 128, 16
 CASES = [  # (bits, lookup, keys per step, pipeline stages): each decoder at the backend's tile
@@ -67,6 +70,32 @@ def compile_case(bits: int, lookup: int, block_n: int, stages: int):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
 
 
+def compile_write_case(bits: int, dim: int, norm_mode: int):
+    """The fused quantize-on-write kernel (``write_kernel``) for sm_90."""
+    from kernelplane_quant_turboquant import write_kernel
+
+    fn = write_kernel.quantize_write_kernel
+    pointers = dict(x_ptr="*bf16", offset_ptr="*fp32", rot_ptr="*fp32", thresholds_ptr="*fp32", code_of_cell_ptr="*i64",
+                    table_ptr="*fp32", slot_ptr="*i64", codes_ptr="*u8", norms_ptr="*fp16")
+    strides = {name: "i32" for name in fn.arg_names if name.startswith("stride")}
+    constants = dict(PAGE=PAGE, DIM=dim, BITS=bits, FIELDS=num_fields(bits), MAIN_BITS=main_bits(bits), KCHUNK=16,
+                     HAS_OFFSET=True, NORM_MODE=norm_mode)
+    signature = {**pointers, **strides, **{name: "constexpr" for name in constants}}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+def check() -> int:
+    """Compile every decode and write variant; the interpreter accepts code the compiler refuses."""
+    for bits, lookup, block_n, stages in CASES:
+        compile_case(bits, lookup, block_n, stages)
+        print(f"decode kernel, {bits} bits, lookup {lookup}: compiled", flush=True)
+    for bits, dim, norm_mode in ((2, 64, 0), (3, 128, 2), (4, 256, 1)):
+        compile_write_case(bits, dim, norm_mode)
+        print(f"write kernel, {bits} bits, dim {dim}: compiled", flush=True)
+    return 0
+
+
 def main_loop(cubin: bytes) -> list[str]:
     """Opcodes of the longest loop in the disassembly."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -91,6 +120,8 @@ def main_loop(cubin: bytes) -> list[str]:
 
 
 def main() -> int:
+    if "--check" in sys.argv[1:]:
+        return check()
     print(f"triton {triton.__version__}, target sm_90, GQA {GROUP * HKV}/{HKV}, head dim {D}, 4 warps")
     print("| bits | decoder | keys/step | loop instructions | per K/V element | most frequent |")
     print("|---|---|---|---|---|---|")
