@@ -20,7 +20,8 @@ Two choices beyond the paper's MSE quantizer, both measured on SmolLM2-135M
   head) of the first real write into the layer's pages (the engine primes
   its cache with a fixed text at start-up), kept for the pages' lifetime in a
   buffer that CUDA graphs read in place (zeros before that first write;
-  writes under ``kv_cache.placeholder_writes()`` never set it). A softmax is unchanged when every logit of a query moves by the
+  writes under ``kv_cache.placeholder_writes()`` never set it). A softmax is
+  unchanged when every logit of a query moves by the
   same ``q . mu``, so attention reads the centered codes as they are; only
   ``dequantize`` adds ``mu`` back. Real keys share a large common component
   (55-75 % of their squared norm in SmolLM2), and the quantization error
@@ -46,15 +47,16 @@ from .codec import NORM_DTYPE, TurboQuantCodec
 
 FORMAT_BITS = {"turboquant2": 2, "turboquant3": 3, "turboquant4": 4}
 
+# The rotation's seed is a fixed function of the plane and the dim: caches
+# written by one process can be read by another.
+_SEED = {"key": 0x7C5A_0001, "value": 0x7C5A_0002}
+DEFAULT_NORM_MODE = {2: "mse", 3: "unbiased", 4: "unbiased"}
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_compiles() -> bool:
     """Triton is installed (an optional extra) and compiles rather than interprets."""
     return importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1"
-# The rotation's seed is a fixed function of the plane and the dim: caches
-# written by one process can be read by another.
-_SEED = {"key": 0x7C5A_0001, "value": 0x7C5A_0002}
-DEFAULT_NORM_MODE = {2: "mse", 3: "unbiased", 4: "unbiased"}
 
 
 def format_bits(fmt: str) -> int:
