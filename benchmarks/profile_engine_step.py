@@ -1,5 +1,6 @@
 """Engine decode step time on a GPU, eager vs CUDA graphs, with greedy
-agreement checks (triton vs reference attention; graphs vs eager).
+agreement checks (triton vs reference attention; graphs vs eager, also for
+TurboQuant caches).
 
     python benchmarks/profile_engine_step.py            # prints a table; writes $OUT/profile.txt if OUT is set
 """
@@ -35,6 +36,20 @@ for dtype in ("float32", "bfloat16"):
         same = sum(x == y for x, y in zip(outs[a], outs[b]))
         agree = sum(u == v for x, y in zip(outs[a], outs[b]) for u, v in zip(x, y)) / sum(len(x) for x in outs[a])
         p(f"greedy {dtype}: {a} vs {b}: identical sequences {same}/{len(prompts)}, token agreement {agree:.3f}")
+
+# TurboQuant caches: graph replays must give what eager steps give (same offset: both engines prime
+# their cache with the same text).
+for fmt in ("turboquant2", "turboquant4"):
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model("default", device="cuda", dtype=dtype, progress=False)
+        outs = {}
+        for name, kw in [("eager", dict(enforce_eager=True)), ("graphs", dict())]:
+            eng = LLMEngine(EngineConfig(device="cuda", dtype=dtype, kv_cache_dtype=fmt, max_model_len=1024, num_kv_blocks=512,
+                                         max_num_seqs=8, **kw), loaded=lm)
+            outs[name] = [o.token_ids for o in eng.generate(prompts, greedy)]
+            del eng
+        same = sum(x == y for x, y in zip(outs["eager"], outs["graphs"]))
+        p(f"greedy {fmt} {dtype}: eager vs graphs: identical sequences {same}/{len(prompts)}")
 
 lm = load_model("default", device="cuda", dtype="bfloat16", progress=False)
 p("| attention | mode | batch | ms/step | tokens/s |")
