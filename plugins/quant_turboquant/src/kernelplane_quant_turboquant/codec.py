@@ -59,8 +59,8 @@ class TurboQuantCodec:
         mags = torch.tensor(positive, dtype=torch.float64)
         # table[code], sign-magnitude codes (see module doc).
         self.table = torch.cat([mags, -mags]).float()
-        ascending = torch.cat([-mags.flip(0), mags])
-        self.thresholds = ((ascending[1:] + ascending[:-1]) / 2).float()
+        centroids = torch.cat([-mags.flip(0), mags])  # ascending
+        self.thresholds = ((centroids[1:] + centroids[:-1]) / 2).float()
         ascending = torch.arange(2 ** bits)
         # code of the k-th centroid in ascending order
         self.code_of_cell = torch.where(ascending >= half, ascending - half, half + (half - 1 - ascending))

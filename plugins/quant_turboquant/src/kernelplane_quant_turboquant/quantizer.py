@@ -31,8 +31,6 @@ Two choices beyond the paper's MSE quantizer, both measured on SmolLM2-135M
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import weakref
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from typing import Optional
 import torch
 
 from kernelplane import KVPages, KVQuantRequest
+from kernelplane.hardware import probe_hardware
 from kernelplane.kv_cache import torch_dtype, writing_placeholders
 
 from .codec import NORM_DTYPE, TurboQuantCodec
@@ -51,12 +50,6 @@ FORMAT_BITS = {"turboquant2": 2, "turboquant3": 3, "turboquant4": 4}
 # written by one process can be read by another.
 _SEED = {"key": 0x7C5A_0001, "value": 0x7C5A_0002}
 DEFAULT_NORM_MODE = {2: "mse", 3: "unbiased", 4: "unbiased"}
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_compiles() -> bool:
-    """Triton is installed (an optional extra) and compiles rather than interprets."""
-    return importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def format_bits(fmt: str) -> int:
@@ -91,6 +84,9 @@ class TurboQuantKVQuantizer:
         norm_mode = norm_mode or DEFAULT_NORM_MODE[self.bits]
         self.center_keys = center_keys
         self.fused_write = fused_write
+        # Decided once: the hardware probe and the environment do not change under a running engine.
+        self._fused_by_default = (os.environ.get("KERNELPLANE_TURBOQUANT_FUSED_WRITE") == "1"
+                                  and probe_hardware().triton_mode == "compiled")
         self.key_codec = TurboQuantCodec(self.bits, request.head_dim, _SEED["key"] + request.head_dim, norm_mode)
         self.value_codec = TurboQuantCodec(self.bits, request.v_dim, _SEED["value"] + request.v_dim, norm_mode)
         # Key offsets per layer's pages, found by their key_codes tensor (checked by a weak
@@ -123,9 +119,7 @@ class TurboQuantKVQuantizer:
         if value is None:
             raise ValueError("TurboQuant pages need both key and value")
         slots = slot_mapping.long()
-        fused = self.fused_write
-        if fused is None:
-            fused = key.is_cuda and _triton_compiles() and os.environ.get("KERNELPLANE_TURBOQUANT_FUSED_WRITE") == "1"
+        fused = self.fused_write if self.fused_write is not None else (self._fused_by_default and key.is_cuda)
         blocks, offsets = (None, None) if fused else (slots // pages.block_size, slots % pages.block_size)
         for plane, x in (("key", key), ("value", value)):
             if x.dim() != 3 or x.shape[1] != pages.num_kv_heads or x.shape[2] != self.codec(plane).dim:
@@ -135,9 +129,8 @@ class TurboQuantKVQuantizer:
                 continue
             offset = None
             if plane == "key" and self.center_keys:
-                self.key_offset(pages, first_keys=x)
                 # The buffer itself (zeros until set), so a captured graph subtracts whatever it holds.
-                offset = self._offset_entry(pages).mu
+                offset = self._learn_offset(self._offset_entry(pages), x).mu
             codes, norms = pages.tensors[f"{plane}_codes"], pages.tensors[f"{plane}_norm"]
             if fused:
                 from . import write_kernel  # Triton is optional: imported only when used
@@ -166,10 +159,17 @@ class TurboQuantKVQuantizer:
         (None before the first real write). ``first_keys``: set it from them if
         unset, unless these are placeholder writes."""
         entry = self._offset_entry(pages)
-        if not entry.is_set and first_keys is not None and not writing_placeholders():
-            entry.mu.copy_(first_keys.float().mean(dim=0))
-            entry.is_set = True
+        if first_keys is not None:
+            self._learn_offset(entry, first_keys)
         return entry.mu if entry.is_set else None
+
+    @staticmethod
+    def _learn_offset(entry: "_KeyOffset", keys: torch.Tensor) -> "_KeyOffset":
+        """Set the offset from the first real keys written (never from placeholder writes)."""
+        if not entry.is_set and not writing_placeholders():
+            entry.mu.copy_(keys.float().mean(dim=0))
+            entry.is_set = True
+        return entry
 
     def _offset_entry(self, pages: KVPages) -> "_KeyOffset":
         codes = pages.tensors["key_codes"]
