@@ -54,11 +54,12 @@ def main() -> int:
                 q.write(pages, key, value, slots)  # sets the key offset; the timed writes reuse it
                 runs[fused] = (q, pages, blocks, time_graph([lambda: q.write(pages, key, value, slots)] * 10))
             (q0, p0, blocks, t0), (q1, p1, _, t1) = runs[False], runs[True]
-            differing = sum((p0.tensors[f"{s}_codes"] != p1.tensors[f"{s}_codes"]).sum().item() for s in ("key", "value"))
-            total = sum(p0.tensors[f"{s}_codes"].numel() for s in ("key", "value"))
+            written = slots_mask(p0, slots)
+            codes = [p.tensors[f"{plane}_codes"].flatten(0, 1)[written] for p in (p0, p1) for plane in ("key", "value")]
+            differing = sum((a != b).sum().item() for a, b in zip(codes[:2], codes[2:]))
+            total = sum(c.numel() for c in codes[:2])
             ids = torch.arange(blocks, device="cuda")
             diffs = []
-            written = slots_mask(p0, slots)
             for a, b in zip(q0.dequantize(p0, ids), q1.dequantize(p1, ids)):
                 a, b = a.flatten(0, 1)[written], b.flatten(0, 1)[written]
                 diffs.append(((a - b).norm() / a.norm()).item())
