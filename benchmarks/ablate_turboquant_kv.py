@@ -10,7 +10,9 @@ Variants printed (perplexity, change against the float32 cache):
 - keys and/or values at 4 / 3 / 2 bits, the plugin's choices;
 - the first token (the attention sink) kept exact;
 - values centred like keys; keys centred on the first token's key;
-- 2-bit centroids moved (the shipped grid point, and small moves either way).
+- 2-bit centroids moved (the shipped grid point, and small moves either way);
+- with ``--per-layer BITS``: each layer alone quantized, then every layer but
+  the most sensitive ones (which layers carry the damage).
 
     python benchmarks/ablate_turboquant_kv.py [--windows 2] [--window 512] [--threads 2]
 """
@@ -55,7 +57,9 @@ class WindowAttention:
 
 
 @torch.inference_mode()
-def perplexity(lm, windows: list[list[int]], transform: Optional[Transform]) -> float:
+def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
+               layers: Optional[set[int]] = None) -> float:
+    """``layers``: the layers whose K/V pass through ``transform`` (default: all)."""
     model, c = lm.model, lm.config
     group = c.num_heads // c.num_kv_heads
     nll, count = 0.0, 0
@@ -64,8 +68,9 @@ def perplexity(lm, windows: list[list[int]], transform: Optional[Transform]) -> 
         blocks = math.ceil(n / 16)
         caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
                   for _ in range(c.num_layers)]
-        for layer in model.layers:
-            layer.self_attn.backend = WindowAttention(group, transform)
+        for index, layer in enumerate(model.layers):
+            wanted = layers is None or index in layers
+            layer.self_attn.backend = WindowAttention(group, transform if wanted else None)
         meta = AttentionMetadata.build([n], [n], [list(range(blocks))], 16)
         logits = model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)
@@ -79,6 +84,9 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--per-layer", type=int, metavar="BITS", default=0,
+                    help="instead: each layer alone with K and V at BITS bits, then all layers but the most "
+                         "sensitive ones")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +118,9 @@ def main() -> int:
         print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
 
     print("| variant | perplexity | change |\n|---|---|---|")
+    if args.per_layer:
+        per_layer(lm, windows, base, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer)
+        return 0
     for bits in (4, 3):
         report(f"keys {bits} bits", variant(kbits=bits))
         report(f"keys {bits} bits, first token exact", variant(kbits=bits, sink=1))
@@ -133,6 +144,20 @@ def main() -> int:
         codecs[2]._device_cache.clear()
         report(f"keys + values 2 bits, centroids {name} ({a:.5f}, {b:.5f})", variant(kbits=2, vbits=2))
     return 0
+
+
+def per_layer(lm, windows, base: float, transform: Transform, bits: int) -> None:
+    """Which layers carry the damage: each alone quantized, then all but the k most sensitive."""
+    layers = range(lm.config.num_layers)
+    alone = {}
+    for i in layers:
+        alone[i] = perplexity(lm, windows, transform, {i})
+        print(f"| layer {i} alone, K+V {bits} bits | {alone[i]:.4f} | {100 * (alone[i] / base - 1):+.2f} % |", flush=True)
+    ranked = sorted(layers, key=lambda i: -alone[i])
+    for k in (0, 1, 2, 3, 4, 6):
+        kept = set(ranked[:k])
+        p = perplexity(lm, windows, transform, set(layers) - kept)
+        print(f"| all layers K+V {bits} bits but {sorted(kept)} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
 
 
 if __name__ == "__main__":

@@ -254,9 +254,13 @@ def sweep_configs(lookups, fmt):
     configs = []
     if 3 in lookups and fmt == "turboquant2":
         configs += [dict(lookup=3, block_n=bn, num_warps=4, num_stages=s) for bn in (64, 128) for s in (2, 3)]
+        configs += [dict(lookup=3, block_n=bn, num_warps=w, num_stages=3) for bn, w in ((256, 4), (128, 8), (256, 8))]
+        configs += [dict(lookup=3, block_n=128, num_warps=4, num_stages=3, programs_per_sm=p) for p in (3, 4)]
+        configs.append(dict(lookup=3, block_n=128, num_warps=4, num_stages=3, rotated_query=True))
     if 2 in lookups:
         configs += [dict(lookup=2, block_n=bn, num_warps=w) for bn in (64, 128) for w in (2, 4, 8)]
         configs.append(dict(lookup=2, block_n=64, num_warps=4, num_stages=3))
+        configs.append(dict(lookup=2, block_n=64, num_warps=4, rotated_query=True))
     configs.append(dict(lookup=1, block_n=64, num_warps=4))
     return configs
 
@@ -388,11 +392,12 @@ def markdown(env, roofs, checks, best, sweep_rows, decode, have_triton):
     head += "".join(f" {fmt} |" for fmt in FORMATS)
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     lines += [format_decode_row(r, have_triton) for r in decode]
-    lines += ["", "## Sweep rows", "", "| format | B | L | lookup | keys/step | warps | stages | splits | µs | TB/s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Sweep rows", "", "| format | B | L | lookup | keys/step | warps | stages | programs/SM | "
+              "query rotated before | splits | µs | TB/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sweep_rows:
         lines.append(f"| {r['format']} | {r['batch']} | {r['ctx']} | {r['lookup']} | {r['block_n']} | {r['num_warps']} "
-                     f"| {r.get('num_stages', 2)} | {r['splits']} | {r['us']:.1f} | {r['tb_s']:.2f} |")
+                     f"| {r.get('num_stages', 2)} | {r.get('programs_per_sm', 2)} | {r.get('rotated_query', False)} "
+                     f"| {r['splits']} | {r['us']:.1f} | {r['tb_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -401,6 +406,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes (also what the CPU smoke run uses)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--no-sweep", action="store_true", help="time the backend's default plan only (what the engine runs)")
+    ap.add_argument("--rotated-query", action="store_true",
+                    help="with --no-sweep: the default plan with the queries rotated before the kernel")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick or device == "cpu"
@@ -427,7 +434,8 @@ def main(argv=None):
     if args.no_sweep:
         from kernelplane_quant_turboquant.quantizer import FORMAT_BITS
 
-        results["best"], results["sweep"] = {fmt: dict(bits=FORMAT_BITS[fmt]) for fmt in FORMATS}, []
+        results["best"] = {fmt: dict(bits=FORMAT_BITS[fmt], rotated_query=args.rotated_query) for fmt in FORMATS}
+        results["sweep"] = []
     else:
         results["best"], results["sweep"] = sweep(device, gen, quick, lookups)
     save()

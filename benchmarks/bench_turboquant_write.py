@@ -5,7 +5,10 @@ paths write the same bfloat16 K and V rows into fresh pages at shuffled
 slots. Printed: bytes of codes that differ between the two (threshold ties
 only), relative difference of the dequantized rows, and the time of one
 write of K and V (both planes) in CUDA-graph replays, what the engine pays
-per layer and step. The ratio column is PyTorch / fused; the bandwidth
+per layer and step, for the PyTorch path and the fused kernel with its
+rotation inside each program, as one cuBLAS product before it, and as
+shipped (``write_kernel.PREROTATE_MIN_WORK`` picks by the size of the
+write). The ratio column is PyTorch / shipped; the bandwidth
 column counts the rows read and the codes and norms written, against the
 copy bandwidth measured in the same run.
 
@@ -19,11 +22,16 @@ import torch
 
 from bench_turboquant import copy_bandwidth, time_graph
 from kernelplane import KVQuantRequest
+from kernelplane_quant_turboquant import write_kernel
 from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
 
-# (tokens, KV heads, head dim): SmolLM2 decode at batch 1 / 64 and a 1k prefill chunk, then a 8 x 128 model.
-SHAPES = [(1, 3, 64), (64, 3, 64), (1024, 3, 64), (1, 8, 128), (64, 8, 128), (1024, 8, 128)]
+# (tokens, KV heads, head dim): SmolLM2 (3 x 64) from a batch-1 decode step to a 4k prefill, then 8 x 128 heads.
+SHAPES = [(1, 3, 64), (64, 3, 64), (256, 3, 64), (1024, 3, 64), (4096, 3, 64),
+          (1, 8, 128), (64, 8, 128), (256, 8, 128), (1024, 8, 128)]
 BLOCK = 16
+# (name, fused, write_kernel.PREROTATE_MIN_WORK); "fused" keeps the shipped threshold.
+VARIANTS = [("torch", False, None), ("rotation in kernel", True, 1 << 62), ("rotation by cuBLAS", True, 0),
+            ("fused", True, write_kernel.PREROTATE_MIN_WORK)]
 
 
 def pages_and_rows(fmt, tokens, heads, dim, fused, gen):
@@ -40,20 +48,25 @@ def main() -> int:
     bw = copy_bandwidth("cuda")["copy"]
     print(f"# {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    print("| format | tokens | KV heads | dim | code bytes differing | dequantized rel. diff | "
-          "PyTorch µs | fused µs | PyTorch / fused | fused % of copy bw |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    shipped_min_work = write_kernel.PREROTATE_MIN_WORK
+    print("| format | tokens | KV heads | dim | code bytes differing | dequantized rel. diff | PyTorch µs | "
+          "fused, rotation in kernel µs | fused, rotation by cuBLAS µs | fused as shipped µs | PyTorch / shipped | "
+          "shipped % of copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for fmt in ("turboquant2", "turboquant3", "turboquant4"):
         for tokens, heads, dim in SHAPES:
             gen = torch.Generator().manual_seed(tokens * 131 + heads)
             key = (torch.randn(tokens, heads, dim, generator=gen) * 2 + 0.7).to("cuda", torch.bfloat16)
             value = torch.randn(tokens, heads, dim, generator=gen).to("cuda", torch.bfloat16)
             runs = {}
-            for fused in (False, True):
+            for variant, fused, min_work in VARIANTS:
+                write_kernel.PREROTATE_MIN_WORK = min_work
                 q, pages, slots, blocks = pages_and_rows(fmt, tokens, heads, dim, fused, torch.Generator().manual_seed(5))
                 q.write(pages, key, value, slots)  # sets the key offset; the timed writes reuse it
-                runs[fused] = (q, pages, blocks, time_graph([lambda: q.write(pages, key, value, slots)] * 10))
-            (q0, p0, blocks, t0), (q1, p1, _, t1) = runs[False], runs[True]
+                runs[variant] = (q, pages, blocks, time_graph([lambda: q.write(pages, key, value, slots)] * 10))
+            write_kernel.PREROTATE_MIN_WORK = shipped_min_work
+            (q0, p0, blocks, t0), (q1, p1, _, t1) = runs["torch"], runs["fused"]
+            t_kernel, t_pre = runs["rotation in kernel"][3], runs["rotation by cuBLAS"][3]
             written = slots_mask(p0, slots)
             codes = [p.tensors[f"{plane}_codes"].flatten(0, 1)[written] for p in (p0, p1) for plane in ("key", "value")]
             differing = sum((a != b).sum().item() for a, b in zip(codes[:2], codes[2:]))
@@ -65,7 +78,8 @@ def main() -> int:
                 diffs.append(((a - b).norm() / a.norm()).item())
             moved = tokens * heads * (2 * dim * 2 + 2 * (q0.key_codec.packed_bytes + 2))
             print(f"| {fmt} | {tokens} | {heads} | {dim} | {differing / total:.3%} | {max(diffs):.2e} | "
-                  f"{t0 * 1e6:.1f} | {t1 * 1e6:.1f} | {t0 / t1:.2f}x | {100 * moved / t1 / bw:.1f} % |", flush=True)
+                  f"{t0 * 1e6:.1f} | {t_kernel * 1e6:.1f} | {t_pre * 1e6:.1f} | {t1 * 1e6:.1f} | {t0 / t1:.2f}x | "
+                  f"{100 * moved / t1 / bw:.1f} % |", flush=True)
     return 0
 
 

@@ -46,7 +46,7 @@ SCALARS = dict(num_kv_heads="i32", score_scale="fp32", value_scale="fp32", windo
                stride_lt="i32", stride_lh="i32", stride_bt="i32")
 
 
-def compile_case(bits: int, lookup: int, block_n: int, stages: int):
+def compile_case(bits: int, lookup: int, block_n: int, stages: int, rotated_query: bool = False):
     fn = kernels.turboquant_attention_kernel
     row = D * bits // 8 if lookup == 3 else D * bits // 32  # bytes, or int32 words
     code_ptr = "*u8" if lookup == 3 else "*i32"
@@ -59,8 +59,10 @@ def compile_case(bits: int, lookup: int, block_n: int, stages: int):
         stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE,
         GROUP=GROUP, BLOCK_M=16, BLOCK_Q=1, BLOCK_N=block_n, PAGE=PAGE, HEAD_DIM=D, HEAD_DIM_V=D, ROT_CHUNK=32,
         BITS=bits, FIELDS=4 if bits < 4 else 2, LOOKUP=lookup, K_ASM=asm, V_ASM=asm, CAUSAL=True, HAS_WINDOW=False,
-        COMPUTE_DTYPE=tl.float16, PRECISION="ieee", UPCAST=False)
+        COMPUTE_DTYPE=tl.float16, PRECISION="ieee", UPCAST=False, ROTATED_QUERY=rotated_query)
     signature = dict(POINTERS, kc_ptr=code_ptr, vc_ptr=code_ptr, **SCALARS)
+    if rotated_query:
+        signature["q_ptr"] = "*fp32"
     signature.update({name: "constexpr" for name in constants})
     # As at a real launch: tensors 16-byte aligned, strides multiples of 16.
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
@@ -70,7 +72,7 @@ def compile_case(bits: int, lookup: int, block_n: int, stages: int):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
 
 
-def compile_write_case(bits: int, dim: int, norm_mode: int):
+def compile_write_case(bits: int, dim: int, norm_mode: int, rotated: bool):
     """The fused quantize-on-write kernel (``write_kernel``) for sm_90."""
     from kernelplane_quant_turboquant import write_kernel
 
@@ -79,7 +81,9 @@ def compile_write_case(bits: int, dim: int, norm_mode: int):
                     table_ptr="*fp32", slot_ptr="*i64", codes_ptr="*u8", norms_ptr="*fp16")
     strides = {name: "i32" for name in fn.arg_names if name.startswith("stride")}
     constants = dict(PAGE=PAGE, DIM=dim, BITS=bits, FIELDS=num_fields(bits), MAIN_BITS=main_bits(bits), KCHUNK=16,
-                     HAS_OFFSET=True, NORM_MODE=norm_mode)
+                     HAS_OFFSET=not rotated, NORM_MODE=norm_mode, ROTATED=rotated)
+    if rotated:
+        pointers["x_ptr"] = "*fp32"
     signature = {**pointers, **strides, **{name: "constexpr" for name in constants}}
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -90,9 +94,12 @@ def check() -> int:
     for bits, lookup, block_n, stages in CASES:
         compile_case(bits, lookup, block_n, stages)
         print(f"decode kernel, {bits} bits, lookup {lookup}: compiled", flush=True)
-    for bits, dim, norm_mode in ((2, 64, 0), (3, 128, 2), (4, 256, 1)):
-        compile_write_case(bits, dim, norm_mode)
-        print(f"write kernel, {bits} bits, dim {dim}: compiled", flush=True)
+    for bits, lookup, block_n, stages in ((2, 3, 128, 3), (3, 2, 64, 2)):
+        compile_case(bits, lookup, block_n, stages, rotated_query=True)
+        print(f"decode kernel, {bits} bits, lookup {lookup}, query rotated before: compiled", flush=True)
+    for bits, dim, norm_mode, rotated in ((2, 64, 0, False), (3, 128, 2, False), (4, 256, 1, False), (3, 128, 2, True)):
+        compile_write_case(bits, dim, norm_mode, rotated)
+        print(f"write kernel, {bits} bits, dim {dim}{', rows rotated before' if rotated else ''}: compiled", flush=True)
     return 0
 
 

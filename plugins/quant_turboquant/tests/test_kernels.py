@@ -119,6 +119,13 @@ def test_cubic_decoder_with_drafts_window_and_group_of_three():
     run_case("turboquant2", 4, 1, 128, (1,), (70,), dtype=torch.float16, block_n=64, lookup=3)
 
 
+@pytest.mark.parametrize("fmt,lookup,dtype", [("turboquant2", 3, torch.bfloat16), ("turboquant3", 1, torch.float16),
+                                              ("turboquant4", 0, torch.float32)])
+def test_queries_rotated_before_the_kernel(fmt, lookup, dtype):
+    # One product for the batch instead of one per program; drafts and a GQA group of three.
+    run_case(fmt, 9, 3, 64, (1, 2), (150, 40), dtype=dtype, splits=3, block_n=32, lookup=lookup, rotated_query=True)
+
+
 def test_plan_takes_the_cubic_for_two_bits_on_a_gpu_only():
     request = AttentionRequest(num_heads=8, num_kv_heads=2, head_dim=64, kv_cache_format="turboquant2")
     backend = TurboQuantAttention(request)

@@ -5,14 +5,18 @@ import pytest
 import torch
 
 from kernelplane import KVQuantRequest
+from kernelplane_quant_turboquant import write_kernel
 from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("fmt,dim,norm_mode", [("turboquant2", 64, None), ("turboquant3", 64, None),
-                                               ("turboquant4", 128, None), ("turboquant3", 64, "length")])
-def test_fused_write_stores_what_the_codec_stores(fmt, dim, norm_mode):
+@pytest.mark.parametrize("fmt,dim,norm_mode,prerotate", [
+    ("turboquant2", 64, None, False), ("turboquant3", 64, None, False), ("turboquant4", 128, None, False),
+    ("turboquant3", 64, "length", False), ("turboquant2", 64, None, True), ("turboquant3", 128, None, True)])
+def test_fused_write_stores_what_the_codec_stores(fmt, dim, norm_mode, prerotate, monkeypatch):
+    # prerotate: the rotation as one product before the kernel, as large writes do
+    monkeypatch.setattr(write_kernel, "PREROTATE_MIN_WORK", 0 if prerotate else 1 << 62)
     heads, tokens, block = 2, 37, 16
     slots = torch.randperm(5 * block, generator=torch.Generator().manual_seed(11))[:tokens].to(DEVICE)
     pages = {}

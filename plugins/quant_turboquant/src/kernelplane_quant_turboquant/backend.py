@@ -45,6 +45,7 @@ class LaunchPlan:
     num_warps: int = 4
     num_stages: int = 2
     lookup: int = 1  # kernels._field: 0 table gather, 1 select tree, 2 PTX prmt lookups (NVIDIA), 3 cubic (2 bits)
+    rotated_query: bool = False  # rotate the queries in one product before the kernel, not in every program
 
 
 def next_pow2(n: int) -> int:
@@ -72,7 +73,7 @@ class TurboQuantAttention:
     def plan(self, meta: AttentionMetadata, block_n: Optional[int] = None, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
              num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
-             bits: Optional[int] = None) -> LaunchPlan:
+             bits: Optional[int] = None, rotated_query: bool = False) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
         ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder)."""
         max_q = max(1, meta.max_query_len)
@@ -112,7 +113,7 @@ class TurboQuantAttention:
             num_warps = 4 if block_m <= 64 else 8
         per_split = math.ceil(math.ceil(max_kv / max(splits, 1)) / block_n) * block_n if splits > 1 else whole
         splits = max(1, math.ceil(max_kv / per_split))
-        return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup)
+        return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup, rotated_query)
 
     # ---- per-quantizer operands -------------------------------------------
     def _tensors_for(self, quantizer: TurboQuantKVQuantizer, device: torch.device) -> dict:
@@ -134,6 +135,7 @@ class TurboQuantAttention:
                 quantizer=quantizer,  # keeps id() valid while cached
                 k_table=kc.table.to(device), v_table=vc.table.to(device),
                 q_hi=q_hi, q_lo=q_lo, o_hi=o_hi, o_lo=o_lo,
+                q_rot=kc.rotation.matrix(dtype=torch.float64).T.to(device=device, dtype=torch.float32).contiguous(),
                 bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table), **cubics,
             )
         return self._operands[key]
@@ -166,13 +168,14 @@ class TurboQuantAttention:
         rot_chunk = min(32, req.head_dim, req.v_dim)
         max_q = max(1, meta.max_query_len)
         grid = (meta.num_seqs, math.ceil(max_q / plan.block_q), req.num_kv_heads * plan.splits)
+        q_in = torch.matmul(query.float(), ops["q_rot"]) if plan.rotated_query else query
         kernels.turboquant_attention_kernel[grid](
-            query, partial, lse,
+            q_in, partial, lse,
             kc, kn, vc, vn, k_table, v_table, ops["q_hi"], ops["q_lo"],
             meta.block_tables, meta.seq_lens, meta.query_start_loc,
             req.num_kv_heads, req.softmax_scale * _LOG2E / math.sqrt(req.head_dim), 1.0 / math.sqrt(req.v_dim),
             req.sliding_window or 0, plan.tokens_per_split,
-            query.stride(0), query.stride(1),
+            q_in.stride(0), q_in.stride(1),
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             meta.block_tables.stride(0),
@@ -184,7 +187,7 @@ class TurboQuantAttention:
             K_ASM=ops["k_asm"] if plan.lookup == 2 else "", V_ASM=ops["v_asm"] if plan.lookup == 2 else "",
             CAUSAL=req.causal, HAS_WINDOW=req.sliding_window is not None,
             COMPUTE_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
-            PRECISION="ieee", UPCAST=_INTERPRETED,
+            PRECISION="ieee", UPCAST=_INTERPRETED, ROTATED_QUERY=plan.rotated_query,
             num_warps=plan.num_warps, num_stages=plan.num_stages,
         )
         kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](

@@ -173,6 +173,12 @@ def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: 
 
 
 @triton.jit
+def _load_cols(x_ptrs, x_mask, COL0: tl.constexpr, COLS: tl.constexpr):
+    """Columns ``COL0:COL0+COLS`` of already-rotated float32 rows."""
+    return tl.load(x_ptrs + (COL0 + tl.arange(0, COLS))[None, :], mask=x_mask, other=0.0)
+
+
+@triton.jit
 def turboquant_attention_kernel(
     q_ptr, part_ptr, lse_ptr,
     kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_table_ptr, v_table_ptr, qrot_hi_ptr, qrot_lo_ptr,
@@ -190,7 +196,7 @@ def turboquant_attention_kernel(
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, ROT_CHUNK: tl.constexpr,
     BITS: tl.constexpr, FIELDS: tl.constexpr, LOOKUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROTATED_QUERY: tl.constexpr,
 ):
     """Grid: (sequences, query tiles of ``BLOCK_Q`` tokens, KV heads x splits).
 
@@ -203,7 +209,8 @@ def turboquant_attention_kernel(
     coordinates. ``COMPUTE_DTYPE``: operand type of the two products
     (float16, or float32 for float32 queries). Writes rotated partial outputs
     ``[tokens, heads, splits, head_dim_v]`` (float32) and their base-2
-    log-sum-exp."""
+    log-sum-exp. ``ROTATED_QUERY``: ``q_ptr`` holds ``R q`` in float32
+    already (one product for the whole batch instead of one per program)."""
     FW: tl.constexpr = HEAD_DIM // FIELDS  # dims per field
     FWV: tl.constexpr = HEAD_DIM_V // FIELDS
     seq = tl.program_id(0)
@@ -229,12 +236,22 @@ def turboquant_attention_kernel(
     # its scores instead.
     q_rows = q_ptr + token[:, None] * stride_qt + row_head[:, None] * stride_qh
     q_mask = row_valid[:, None]
-    q0 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 0, FW, ROT_CHUNK, UPCAST)
-    q1 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, FW, FW, ROT_CHUNK, UPCAST)
+    if ROTATED_QUERY:
+        q0 = _load_cols(q_rows, q_mask, 0, FW)
+        q1 = _load_cols(q_rows, q_mask, FW, FW)
+    else:
+        q0 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 0, FW, ROT_CHUNK, UPCAST)
+        q1 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, FW, FW, ROT_CHUNK, UPCAST)
     q_sq = tl.sum(q0 * q0, 1) + tl.sum(q1 * q1, 1)
     if FIELDS == 4:
-        q2 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 2 * FW, FW, ROT_CHUNK, UPCAST)
-        q3 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 3 * FW, FW, ROT_CHUNK, UPCAST)
+        if ROTATED_QUERY:
+            q2 = _load_cols(q_rows, q_mask, 2 * FW, FW)
+            q3 = _load_cols(q_rows, q_mask, 3 * FW, FW)
+        else:
+            q2 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 2 * FW, FW, ROT_CHUNK,
+                              UPCAST)
+            q3 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 3 * FW, FW, ROT_CHUNK,
+                              UPCAST)
         q_sq += tl.sum(q2 * q2, 1) + tl.sum(q3 * q3, 1)
     q_norm = tl.sqrt(q_sq)
     q_inv = 1.0 / tl.maximum(q_norm, 1e-30)

@@ -31,11 +31,12 @@ def quantize_write_kernel(
     stride_xt, stride_xh, stride_rj, stride_rk,
     stride_cb, stride_ct, stride_ch, stride_nb, stride_nt, stride_nh,
     PAGE: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr, FIELDS: tl.constexpr, MAIN_BITS: tl.constexpr,
-    KCHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_MODE: tl.constexpr,
+    KCHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_MODE: tl.constexpr, ROTATED: tl.constexpr,
 ):
     """Grid: (tokens, KV heads). ``rot_ptr``: the codec's float32 rotation
     ``R`` (rotated ``y = R x``); ``codes_ptr``/``norms_ptr``: the page tensors
-    with strides (block, slot in block, head)."""
+    with strides (block, slot in block, head). ``ROTATED``: the rows are
+    already ``R (x - offset)`` in float32 (large writes, see ``launch``)."""
     FW: tl.constexpr = DIM // FIELDS
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -48,18 +49,22 @@ def quantize_write_kernel(
     coord = offs_f[:, None] * FW + offs_i[None, :]  # [FIELDS, FW]: code j = f * FW + i
     row = x_ptr + token * stride_xt + head * stride_xh
 
-    # y = R x, as [FIELDS, FW], over column chunks of x.
-    y = tl.zeros([FIELDS, FW], dtype=tl.float32)
-    sq = tl.zeros([KCHUNK], dtype=tl.float32)
-    offs_k = tl.arange(0, KCHUNK)
-    for k0 in range(0, DIM, KCHUNK):
-        x = tl.load(row + k0 + offs_k).to(tl.float32)
-        if HAS_OFFSET:
-            x -= tl.load(offset_ptr + head * DIM + k0 + offs_k)
-        sq += x * x
-        r = tl.load(rot_ptr + coord[:, :, None] * stride_rj + (k0 + offs_k)[None, None, :] * stride_rk)
-        y += tl.sum(r * x[None, None, :], axis=2)
-    norm = tl.sqrt(tl.sum(sq, axis=0))
+    if ROTATED:
+        y = tl.load(row + coord)
+        norm = tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0))  # R is orthogonal
+    else:
+        # y = R x, as [FIELDS, FW], over column chunks of x.
+        y = tl.zeros([FIELDS, FW], dtype=tl.float32)
+        sq = tl.zeros([KCHUNK], dtype=tl.float32)
+        offs_k = tl.arange(0, KCHUNK)
+        for k0 in range(0, DIM, KCHUNK):
+            x = tl.load(row + k0 + offs_k).to(tl.float32)
+            if HAS_OFFSET:
+                x -= tl.load(offset_ptr + head * DIM + k0 + offs_k)
+            sq += x * x
+            r = tl.load(rot_ptr + coord[:, :, None] * stride_rj + (k0 + offs_k)[None, None, :] * stride_rk)
+            y += tl.sum(r * x[None, None, :], axis=2)
+        norm = tl.sqrt(tl.sum(sq, axis=0))
     y = y * (tl.sqrt(DIM * 1.0) / tl.maximum(norm, 1e-30))
 
     # Cell = number of thresholds below y (torch.bucketize); code = code_of_cell[cell].
@@ -91,12 +96,24 @@ def quantize_write_kernel(
     tl.store(norm_ptr, tl.minimum(norm, _FP16_MAX).to(tl.float16))
 
 
+# Above this many multiply-adds (rows x dim x dim) the rotation runs as one
+# cuBLAS product before the kernel: each program's own product is fast for the
+# few rows of a decode step but 2x slower than the PyTorch path for a
+# 1024-token prefill chunk at head dim 128 (H100, bench_turboquant_write.py).
+PREROTATE_MIN_WORK = 512 * 128 * 128
+
+
 def launch(codec, x, offset, codes, norms, slots, block_size: int) -> None:
     """Quantize ``x [tokens, heads, dim]`` with ``codec`` into ``codes``/``norms``
     (the pages' permuted views) at ``slots``; ``offset [heads, dim]`` or None."""
     table, thresholds, code_of_cell, rot = codec._on(x.device)
     tokens, heads, dim = x.shape
-    if x.stride(2) != 1:
+    rotated = tokens * heads * dim * dim > PREROTATE_MIN_WORK
+    if rotated:
+        x = x.float() - offset if offset is not None else x.float()
+        x = (x @ rot.T).contiguous()
+        offset = None
+    elif x.stride(2) != 1:
         x = x.contiguous()
     quantize_write_kernel[(tokens, heads)](
         x, offset if offset is not None else x, rot, thresholds, code_of_cell, table, slots, codes, norms,
@@ -104,5 +121,6 @@ def launch(codec, x, offset, codes, norms, slots, block_size: int) -> None:
         codes.stride(0), codes.stride(1), codes.stride(2), norms.stride(0), norms.stride(1), norms.stride(2),
         PAGE=block_size, DIM=dim, BITS=codec.bits, FIELDS=num_fields(codec.bits), MAIN_BITS=main_bits(codec.bits),
         KCHUNK=min(16, dim), HAS_OFFSET=offset is not None, NORM_MODE=NORM_MODE_IDS[codec.norm_mode],
+        ROTATED=rotated,
         num_warps=4,
     )
