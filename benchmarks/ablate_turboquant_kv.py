@@ -12,7 +12,9 @@ Variants printed (perplexity, change against the float32 cache):
 - values centred like keys; keys centred on the first token's key;
 - 2-bit centroids moved (the shipped grid point, and small moves either way);
 - with ``--per-layer BITS``: each layer alone quantized, then every layer but
-  the most sensitive ones (which layers carry the damage).
+  the most sensitive ones (which layers carry the damage);
+- with ``--recent``: each query reading its latest 16 / 64 positions exact
+  (a page not yet quantized), then also the first token (16 / 32 / 64).
 
     python benchmarks/ablate_turboquant_kv.py [--windows 2] [--window 512] [--threads 2]
 """
@@ -41,25 +43,38 @@ def round_trip(codec: TurboQuantCodec, x: torch.Tensor, mu: Optional[torch.Tenso
 
 
 class WindowAttention:
-    """An attention backend for one layer: exact causal attention over K/V passed through ``transform``."""
+    """An attention backend for one layer: exact causal attention over K/V passed through ``transform``.
+    ``recent``: each query reads its last ``recent`` positions (itself included) exact."""
 
-    def __init__(self, group: int, transform: Optional[Transform]):
-        self.group, self.transform = group, transform
+    def __init__(self, group: int, transform: Optional[Transform], recent: int = 0):
+        self.group, self.transform, self.recent = group, transform, recent
 
     def forward(self, query, pages, meta):
         n = query.shape[0]
         k, v = pages.key.flatten(0, 1)[:n], pages.value.flatten(0, 1)[:n]
+        exact_k, exact_v = k, v
         if self.transform is not None:
             k, v = self.transform(k, v)
-        k, v = (t.repeat_interleave(self.group, dim=1).transpose(0, 1)[None] for t in (k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(query.transpose(0, 1)[None], k, v, is_causal=True)
-        return out[0].transpose(0, 1)
+        k, v, exact_k, exact_v = (t.repeat_interleave(self.group, dim=1).transpose(0, 1)
+                                  for t in (k, v, exact_k, exact_v))
+        q = query.transpose(0, 1)
+        if not self.recent:
+            out = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+            return out.transpose(0, 1)
+        i = torch.arange(n)
+        lag = i[:, None] - i[None, :]  # query position - key position
+        near = (lag >= 0) & (lag < self.recent)
+        scores = torch.where(near, q @ exact_k.transpose(1, 2), q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+        weights = scores.masked_fill(lag < 0, float("-inf")).softmax(-1)
+        out = (weights * near) @ exact_v + (weights * ~near) @ v
+        return out.transpose(0, 1)
 
 
 @torch.inference_mode()
 def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
-               layers: Optional[set[int]] = None) -> float:
-    """``layers``: the layers whose K/V pass through ``transform`` (default: all)."""
+               layers: Optional[set[int]] = None, recent: int = 0) -> float:
+    """``layers``: the layers whose K/V pass through ``transform`` (default: all);
+    ``recent``: that many latest positions of each query read exact."""
     model, c = lm.model, lm.config
     group = c.num_heads // c.num_kv_heads
     nll, count = 0.0, 0
@@ -70,7 +85,7 @@ def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
                   for _ in range(c.num_layers)]
         for index, layer in enumerate(model.layers):
             wanted = layers is None or index in layers
-            layer.self_attn.backend = WindowAttention(group, transform if wanted else None)
+            layer.self_attn.backend = WindowAttention(group, transform if wanted else None, recent)
         meta = AttentionMetadata.build([n], [n], [list(range(blocks))], 16)
         logits = model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)
@@ -84,6 +99,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--recent", action="store_true",
+                    help="instead: the latest tokens (a partial page) and the first token read exact")
     ap.add_argument("--per-layer", type=int, metavar="BITS", default=0,
                     help="instead: each layer alone with K and V at BITS bits, then all layers but the most "
                          "sensitive ones")
@@ -118,6 +135,17 @@ def main() -> int:
         print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
 
     print("| variant | perplexity | change |\n|---|---|---|")
+    if args.recent:
+        for bits in (4, 3, 2):
+            kv = variant(kbits=bits, vbits=bits)
+            for recent in (16, 64):
+                p = perplexity(lm, windows, kv, recent=recent)
+                print(f"| K+V {bits} bits, latest {recent} exact | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
+            for recent in (16, 32, 64):
+                p = perplexity(lm, windows, variant(kbits=bits, vbits=bits, sink=1), recent=recent)
+                print(f"| K+V {bits} bits, first token and latest {recent} exact | {p:.4f} | "
+                      f"{100 * (p / base - 1):+.2f} % |", flush=True)
+        return 0
     if args.per_layer:
         per_layer(lm, windows, base, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer)
         return 0

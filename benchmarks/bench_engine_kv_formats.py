@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--show", action="store_true", help="also print each format's continuations, first 12 tokens")
     args = ap.parse_args()
     lm = load_model("default", device="cuda", dtype="bfloat16", progress=False)
     text = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(2000))
@@ -66,6 +67,8 @@ def main() -> int:
             plain = dict(outs=outs, capacity=capacity)
         equal = sum(a == b for x, y in zip(outs, plain["outs"]) for a, b in zip(x, y))
         same = sum(x == y for x, y in zip(outs, plain["outs"]))
+        if args.show:
+            print(f"<!-- {fmt}: {[lm.tokenizer.decode(o[:12]) for o in outs]} -->", flush=True)
         times = [decode_step_ms(engine, long_ids, b, args.steps) for b in (1, 8, 64)]
         backend = engine.selections["attention"].chosen.name
         print(f"| {fmt} | {backend} | {capacity:,} | {capacity / plain['capacity']:.2f}x | "
