@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--show", action="store_true", help="also print each format's continuations, first 12 tokens")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated; the first is the reference")
     args = ap.parse_args()
     lm = load_model("default", device="cuda", dtype="bfloat16", progress=False)
     text = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(2000))
@@ -57,7 +58,7 @@ def main() -> int:
           "identical sequences | step ms b1 | b8 | b64 | graphed steps |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     plain = None
-    for fmt in FORMATS:
+    for fmt in args.formats.split(","):
         engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache_dtype=fmt, max_model_len=args.context + 128,
                                         max_num_seqs=64), loaded=lm)
         capacity = engine.num_kv_blocks * engine.block_size

@@ -88,3 +88,17 @@ def test_a_miscompiled_op_is_rejected(monkeypatch):
     """The warm-up compares each compiled op with the eager one: a wrong result is not used."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (lambda *a, **kw: (lambda r: r * 2 if torch.is_tensor(r) else r)(fn(*a, **kw))))
     assert pointwise.compiled_ops("cpu", torch.float32, hidden_size=32, head_dim=16) is EAGER_OPS
+
+
+def test_compiled_ops_never_load_kernels_from_the_on_disk_caches(monkeypatch):
+    """Kernels a later process loaded from inductor's caches crashed TurboQuant engines on an H100."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True, raising=False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # no compiler needed for this check
+    ops = pointwise.compiled_ops("cpu", torch.float32, hidden_size=32, head_dim=16)
+    assert ops.fused
+    assert torch._inductor.config.fx_graph_cache is False
+    assert torch._functorch.config.enable_autograd_cache is False

@@ -64,6 +64,17 @@ def compiled_ops(device: str, dtype: torch.dtype, hidden_size: int, head_dim: in
         # dynamic: one compiled kernel serves every token count (decode batches, prefill chunks).
         return torch.compile(fn, dynamic=True, fullgraph=True)
 
+    # Compile afresh in every process. On an H100 (torch 2.11), kernels that a
+    # later process loaded from inductor's on-disk caches (the first process
+    # compiled them) crashed TurboQuant engines with illegal memory accesses
+    # or garbage output, every time; a fresh cache directory never did.
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = False
+    if hasattr(torch._functorch.config, "enable_autograd_cache"):
+        torch._functorch.config.enable_autograd_cache = False
+
     ops = PointwiseOps(*(compile_one(f) for f in (add_rms_norm, apply_rope, silu_mul)), fused=True)
     try:
         for tokens in (1, 3):  # 1 is specialized by torch.compile; 3 covers every other count
