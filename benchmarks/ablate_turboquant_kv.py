@@ -14,7 +14,8 @@ Variants printed (perplexity, change against the float32 cache):
 - with ``--per-layer BITS``: each layer alone quantized, then every layer but
   the most sensitive ones (which layers carry the damage);
 - with ``--recent``: each query reading its latest 16 / 64 positions exact
-  (a page not yet quantized), then also the first token (16 / 32 / 64).
+  (a page not yet quantized), then also the first token (16 / 32 / 64);
+  ``--first-and-latest N``: only that, against all quantized, at 4 / 3 / 2 bits.
 
     python benchmarks/ablate_turboquant_kv.py [--windows 2] [--window 512] [--threads 2]
 """
@@ -101,6 +102,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--recent", action="store_true",
                     help="instead: the latest tokens (a partial page) and the first token read exact")
+    ap.add_argument("--first-and-latest", type=int, metavar="N", default=0,
+                    help="instead: K+V at 4 / 3 / 2 bits, all quantized and with the first and latest N tokens exact")
     ap.add_argument("--per-layer", type=int, metavar="BITS", default=0,
                     help="instead: each layer alone with K and V at BITS bits, then all layers but the most "
                          "sensitive ones")
@@ -135,6 +138,14 @@ def main() -> int:
         print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
 
     print("| variant | perplexity | change |\n|---|---|---|")
+    if args.first_and_latest:
+        n = args.first_and_latest
+        for bits in (4, 3, 2):
+            report(f"K+V {bits} bits", variant(kbits=bits, vbits=bits))
+            p = perplexity(lm, windows, variant(kbits=bits, vbits=bits, sink=1), recent=n)
+            print(f"| K+V {bits} bits, first token and latest {n} exact | {p:.4f} | {100 * (p / base - 1):+.2f} % |",
+                  flush=True)
+        return 0
     if args.recent:
         for bits in (4, 3, 2):
             kv = variant(kbits=bits, vbits=bits)
