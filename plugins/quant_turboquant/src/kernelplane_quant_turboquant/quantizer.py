@@ -73,8 +73,8 @@ class TurboQuantKVQuantizer:
                  fused_write: Optional[bool] = None):
         """``fused_write``: quantize and store in one Triton kernel (``write_kernel``).
         Default: wherever the rows are CUDA tensors that Triton compiles for
-        (10-16x faster than the PyTorch path for a decode step's rows on an
-        H100, see BENCHMARKS.md), unless ``KERNELPLANE_TURBOQUANT_FUSED_WRITE=0``."""
+        (3.6-16x faster per write than the PyTorch path on an H100, see
+        BENCHMARKS.md), unless ``KERNELPLANE_TURBOQUANT_FUSED_WRITE=0``."""
         if request.kind != "mha":
             raise ValueError("TurboQuant stores separate K and V vectors: MLA latent caches are not supported")
         self.format = request.format
