@@ -64,10 +64,11 @@ def compiled_ops(device: str, dtype: torch.dtype, hidden_size: int, head_dim: in
         # dynamic: one compiled kernel serves every token count (decode batches, prefill chunks).
         return torch.compile(fn, dynamic=True, fullgraph=True)
 
-    # Compile afresh in every process. On an H100 (torch 2.11), kernels that a
-    # later process loaded from inductor's on-disk caches (the first process
-    # compiled them) crashed TurboQuant engines with illegal memory accesses
-    # or garbage output, every time; a fresh cache directory never did.
+    # Compile afresh in every process. On an H100 (torch 2.11), when a later
+    # process loaded these kernels from inductor's on-disk caches (filled by
+    # the first process), TurboQuant engines crashed with illegal memory
+    # accesses or gave garbage (7 of 9 processes; the other 2 gave text that
+    # differed from a fresh compile's); with a fresh cache directory they never did.
     import torch._functorch.config
     import torch._inductor.config
 
