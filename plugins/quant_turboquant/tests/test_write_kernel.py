@@ -57,3 +57,22 @@ def test_fused_write_skips_empty_batches_and_names_bad_shapes():
     with pytest.raises(ValueError, match=r"value must be \[tokens, 2, 64\]"):
         q.write(p, torch.randn(1, 2, 64, device=DEVICE), torch.randn(1, 2, 32, device=DEVICE),
                 torch.zeros(1, dtype=torch.long, device=DEVICE))
+
+
+def test_fused_write_is_the_default_only_where_triton_compiles_and_the_dims_fit(monkeypatch):
+    from types import SimpleNamespace
+
+    import kernelplane_quant_turboquant.quantizer as quantizer_module
+
+    def quantizer(head_dim, mode, **kw):
+        monkeypatch.setattr(quantizer_module, "probe_hardware", lambda: SimpleNamespace(triton_mode=mode))
+        return TurboQuantKVQuantizer(KVQuantRequest(format="turboquant3", num_kv_heads=2, head_dim=head_dim), **kw)
+
+    monkeypatch.delenv("KERNELPLANE_TURBOQUANT_FUSED_WRITE", raising=False)
+    assert quantizer(64, "compiled")._fused_by_default
+    assert not quantizer(64, "interpreter")._fused_by_default
+    assert not quantizer(96, "compiled")._fused_by_default  # tiles of 96 / 4 = 24: not a power of two
+    monkeypatch.setenv("KERNELPLANE_TURBOQUANT_FUSED_WRITE", "0")
+    assert not quantizer(64, "compiled")._fused_by_default
+    with pytest.raises(ValueError, match="powers of two, got 96/96"):
+        quantizer(96, "compiled", fused_write=True)

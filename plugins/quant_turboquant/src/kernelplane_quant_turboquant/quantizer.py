@@ -73,8 +73,9 @@ class TurboQuantKVQuantizer:
                  fused_write: Optional[bool] = None):
         """``fused_write``: quantize and store in one Triton kernel (``write_kernel``).
         Default: wherever the rows are CUDA tensors that Triton compiles for
-        (3.6-16x faster per write than the PyTorch path on an H100, see
-        BENCHMARKS.md), unless ``KERNELPLANE_TURBOQUANT_FUSED_WRITE=0``."""
+        and the head dims are powers of two (the kernel's tiles), 3.6-16x
+        faster per write than the PyTorch path on an H100 (BENCHMARKS.md),
+        unless ``KERNELPLANE_TURBOQUANT_FUSED_WRITE=0``."""
         if request.kind != "mha":
             raise ValueError("TurboQuant stores separate K and V vectors: MLA latent caches are not supported")
         self.format = request.format
@@ -82,9 +83,13 @@ class TurboQuantKVQuantizer:
         self.out_dtype = torch_dtype(request.dtype)
         norm_mode = norm_mode or DEFAULT_NORM_MODE[self.bits]
         self.center_keys = center_keys
+        dims_fit = all(d & (d - 1) == 0 for d in (request.head_dim, request.v_dim))
+        if fused_write and not dims_fit:
+            raise ValueError(f"the fused write kernel needs head dims that are powers of two, got "
+                             f"{request.head_dim}/{request.v_dim}: use fused_write=False")
         self.fused_write = fused_write
         # Decided once: the hardware probe and the environment do not change under a running engine.
-        self._fused_by_default = (os.environ.get("KERNELPLANE_TURBOQUANT_FUSED_WRITE") != "0"
+        self._fused_by_default = (dims_fit and os.environ.get("KERNELPLANE_TURBOQUANT_FUSED_WRITE") != "0"
                                   and probe_hardware().triton_mode == "compiled")
         self.key_codec = TurboQuantCodec(self.bits, request.head_dim, _SEED["key"] + request.head_dim, norm_mode)
         self.value_codec = TurboQuantCodec(self.bits, request.v_dim, _SEED["value"] + request.v_dim, norm_mode)
