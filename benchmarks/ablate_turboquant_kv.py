@@ -15,7 +15,9 @@ Variants printed (perplexity, change against the float32 cache):
   the most sensitive ones (which layers carry the damage);
 - with ``--recent``: each query reading its latest 16 / 64 positions exact
   (a page not yet quantized), then also the first token (16 / 32 / 64);
-  ``--first-and-latest N``: only that, against all quantized, at 4 / 3 / 2 bits.
+  ``--first-and-latest N``: only that, against all quantized, at 4 / 3 / 2 bits;
+- with ``--split-channels``: the mixed 2.5-bit layout (half of each head's
+  channels at 3 bits, half at 2) against the uniform formats.
 
     python benchmarks/ablate_turboquant_kv.py [--windows 2] [--window 512] [--threads 2]
 """
@@ -104,6 +106,9 @@ def main() -> int:
                     help="instead: the latest tokens (a partial page) and the first token read exact")
     ap.add_argument("--first-and-latest", type=int, metavar="N", default=0,
                     help="instead: K+V at 4 / 3 / 2 bits, all quantized and with the first and latest N tokens exact")
+    ap.add_argument("--split-channels", action="store_true",
+                    help="instead: 2.5 bits as half the channels at 3 bits and half at 2 (the paper's mixed "
+                         "layout), against 2, 3 and keys 3 + values 2")
     ap.add_argument("--per-layer", type=int, metavar="BITS", default=0,
                     help="instead: each layer alone with K and V at BITS bits, then all layers but the most "
                          "sensitive ones")
@@ -138,6 +143,9 @@ def main() -> int:
         print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
 
     print("| variant | perplexity | change |\n|---|---|---|")
+    if args.split_channels:
+        split_channels(lm, windows, base, variant, dim)
+        return 0
     if args.first_and_latest:
         n = args.first_and_latest
         for bits in (4, 3, 2):
@@ -183,6 +191,40 @@ def main() -> int:
         codecs[2]._device_cache.clear()
         report(f"keys + values 2 bits, centroids {name} ({a:.5f}, {b:.5f})", variant(kbits=2, vbits=2))
     return 0
+
+
+def split_round_trip(x: torch.Tensor, mu: Optional[torch.Tensor], by_energy: bool, dim: int) -> torch.Tensor:
+    """``x [tokens, heads, dim]`` with half its channels at 3 bits and half at 2, each half
+    its own TurboQuant vector (own rotation). ``by_energy``: per head, the half with the
+    larger mean square (after ``mu``) gets 3 bits; else the first half does."""
+    half = dim // 2
+    hi, lo = (TurboQuantCodec(b, half, seed=0x7C5A_0101 + b, norm_mode=DEFAULT_NORM_MODE[b]) for b in (3, 2))
+    y = x - mu if mu is not None else x
+    if by_energy:
+        order = y.pow(2).mean(0).argsort(dim=-1, descending=True)  # [heads, dim]
+    else:
+        order = torch.arange(dim).expand(x.shape[1], dim)
+    index = order.expand(x.shape[0], -1, -1)
+    picked = y.gather(2, index)
+    out = torch.cat([hi.decode(*hi.encode(picked[..., :half])), lo.decode(*lo.encode(picked[..., half:]))], dim=-1)
+    restored = torch.empty_like(out).scatter_(2, index, out)
+    return restored + (mu if mu is not None else 0)
+
+
+def split_channels(lm, windows, base: float, variant, dim: int) -> None:
+    """The issue's mixed 2.5-bit layout against the uniform formats and keys 3 + values 2 bits."""
+    def report(name, transform):
+        p = perplexity(lm, windows, transform)
+        print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
+
+    def mixed(by_energy):
+        return lambda k, v: (split_round_trip(k, k.mean(0), by_energy, dim), split_round_trip(v, None, by_energy, dim))
+
+    report("K+V 2 bits", variant(kbits=2, vbits=2))
+    report("K+V 3 bits", variant(kbits=3, vbits=3))
+    report("keys 3 + values 2 bits (2.5 on average)", variant(kbits=3, vbits=2))
+    report("K+V 2.5 bits: the higher-energy half of each head's channels at 3 bits", mixed(True))
+    report("K+V 2.5 bits: a fixed half of the channels at 3 bits", mixed(False))
 
 
 def per_layer(lm, windows, base: float, transform: Transform, bits: int) -> None:
