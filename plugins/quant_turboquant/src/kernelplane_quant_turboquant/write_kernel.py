@@ -99,8 +99,10 @@ def quantize_write_kernel(
 # Above this many multiply-adds (rows x dim x dim) the rotation runs as one
 # cuBLAS product before the kernel: each program's own product is fast for the
 # few rows of a decode step but 2x slower than the PyTorch path for a
-# 1024-token prefill chunk at head dim 128 (H100, bench_turboquant_write.py).
-PREROTATE_MIN_WORK = 512 * 128 * 128
+# 1024-token prefill chunk at head dim 128. Measured on an H100
+# (bench_turboquant_write.py): in each program wins up to 256 x 3 heads at dim
+# 64 (3.1M), cuBLAS from 64 x 8 heads at dim 128 (8.4M) on.
+PREROTATE_MIN_WORK = 4 * 2**20
 
 
 def launch(codec, x, offset, codes, norms, slots, block_size: int) -> None:
