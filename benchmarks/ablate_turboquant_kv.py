@@ -138,35 +138,34 @@ def main() -> int:
     base = perplexity(lm, windows, None)
     print(f"SmolLM2-135M, {args.windows} windows of {args.window} tokens; float32 cache: {base:.4f}")
 
-    def report(name: str, transform: Transform) -> None:
-        p = perplexity(lm, windows, transform)
+    def report(name: str, transform: Transform, **kw) -> float:
+        """One table row; ``kw`` goes to ``perplexity`` (layers, recent)."""
+        p = perplexity(lm, windows, transform, **kw)
         print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
+        return p
 
     print("| variant | perplexity | change |\n|---|---|---|")
     if args.split_channels:
-        split_channels(lm, windows, base, variant, dim)
+        split_channels(report, variant, dim)
         return 0
     if args.first_and_latest:
         n = args.first_and_latest
         for bits in (4, 3, 2):
             report(f"K+V {bits} bits", variant(kbits=bits, vbits=bits))
-            p = perplexity(lm, windows, variant(kbits=bits, vbits=bits, sink=1), recent=n)
-            print(f"| K+V {bits} bits, first token and latest {n} exact | {p:.4f} | {100 * (p / base - 1):+.2f} % |",
-                  flush=True)
+            report(f"K+V {bits} bits, first token and latest {n} exact", variant(kbits=bits, vbits=bits, sink=1),
+                   recent=n)
         return 0
     if args.recent:
         for bits in (4, 3, 2):
-            kv = variant(kbits=bits, vbits=bits)
             for recent in (16, 64):
-                p = perplexity(lm, windows, kv, recent=recent)
-                print(f"| K+V {bits} bits, latest {recent} exact | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
+                report(f"K+V {bits} bits, latest {recent} exact", variant(kbits=bits, vbits=bits), recent=recent)
             for recent in (16, 32, 64):
-                p = perplexity(lm, windows, variant(kbits=bits, vbits=bits, sink=1), recent=recent)
-                print(f"| K+V {bits} bits, first token and latest {recent} exact | {p:.4f} | "
-                      f"{100 * (p / base - 1):+.2f} % |", flush=True)
+                report(f"K+V {bits} bits, first token and latest {recent} exact",
+                       variant(kbits=bits, vbits=bits, sink=1), recent=recent)
         return 0
     if args.per_layer:
-        per_layer(lm, windows, base, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer)
+        per_layer(report, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer,
+                  lm.config.num_layers)
         return 0
     for bits in (4, 3):
         report(f"keys {bits} bits", variant(kbits=bits))
@@ -211,12 +210,8 @@ def split_round_trip(x: torch.Tensor, mu: Optional[torch.Tensor], by_energy: boo
     return restored + (mu if mu is not None else 0)
 
 
-def split_channels(lm, windows, base: float, variant, dim: int) -> None:
+def split_channels(report, variant, dim: int) -> None:
     """The issue's mixed 2.5-bit layout against the uniform formats and keys 3 + values 2 bits."""
-    def report(name, transform):
-        p = perplexity(lm, windows, transform)
-        print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
-
     def mixed(by_energy):
         return lambda k, v: (split_round_trip(k, k.mean(0), by_energy, dim), split_round_trip(v, None, by_energy, dim))
 
@@ -227,18 +222,14 @@ def split_channels(lm, windows, base: float, variant, dim: int) -> None:
     report("K+V 2.5 bits: a fixed half of the channels at 3 bits", mixed(False))
 
 
-def per_layer(lm, windows, base: float, transform: Transform, bits: int) -> None:
+def per_layer(report, transform: Transform, bits: int, num_layers: int) -> None:
     """Which layers carry the damage: each alone quantized, then all but the k most sensitive."""
-    layers = range(lm.config.num_layers)
-    alone = {}
-    for i in layers:
-        alone[i] = perplexity(lm, windows, transform, {i})
-        print(f"| layer {i} alone, K+V {bits} bits | {alone[i]:.4f} | {100 * (alone[i] / base - 1):+.2f} % |", flush=True)
+    layers = range(num_layers)
+    alone = {i: report(f"layer {i} alone, K+V {bits} bits", transform, layers={i}) for i in layers}
     ranked = sorted(layers, key=lambda i: -alone[i])
     for k in (0, 1, 2, 3, 4, 6):
         kept = set(ranked[:k])
-        p = perplexity(lm, windows, transform, set(layers) - kept)
-        print(f"| all layers K+V {bits} bits but {sorted(kept)} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
+        report(f"all layers K+V {bits} bits but {sorted(kept)}", transform, layers=set(layers) - kept)
 
 
 if __name__ == "__main__":

@@ -129,13 +129,14 @@ class TurboQuantAttention:
             if kc.bits == 2:
                 cubics = {f"{p}_cubic": torch.tensor(check_exact(c.table), dtype=torch.float32, device=device)
                           for p, c in (("k", kc), ("v", vc))}
-            q_hi, q_lo = hi_lo(kc.rotation.matrix(dtype=torch.float64).T)  # q @ R_k^T
+            q_rot = kc.rotation.matrix(dtype=torch.float64).T  # q @ R_k^T
+            q_hi, q_lo = hi_lo(q_rot)
             o_hi, o_lo = hi_lo(vc.rotation.matrix(dtype=torch.float64))  # out_rot @ R_v
             self._operands[key] = dict(
                 quantizer=quantizer,  # keeps id() valid while cached
                 k_table=kc.table.to(device), v_table=vc.table.to(device),
                 q_hi=q_hi, q_lo=q_lo, o_hi=o_hi, o_lo=o_lo,
-                q_rot=kc.rotation.matrix(dtype=torch.float64).T.to(device=device, dtype=torch.float32).contiguous(),
+                q_rot=q_rot.to(device=device, dtype=torch.float32).contiguous(),
                 bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table), **cubics,
             )
         return self._operands[key]

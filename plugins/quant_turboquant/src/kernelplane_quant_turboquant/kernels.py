@@ -173,9 +173,16 @@ def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: 
 
 
 @triton.jit
-def _load_cols(x_ptrs, x_mask, COL0: tl.constexpr, COLS: tl.constexpr):
-    """Columns ``COL0:COL0+COLS`` of already-rotated float32 rows."""
-    return tl.load(x_ptrs + (COL0 + tl.arange(0, COLS))[None, :], mask=x_mask, other=0.0)
+def _query_cols(q_rows, q_mask, rot_hi_ptr, rot_lo_ptr, ROWS: tl.constexpr, DIM: tl.constexpr,
+                COL0: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                ROTATED: tl.constexpr):
+    """Columns ``COL0:COL0+COLS`` of the rotated queries (float32): loaded when
+    the rows in memory are already rotated, else rotated here."""
+    if ROTATED:
+        cols = tl.load(q_rows + (COL0 + tl.arange(0, COLS))[None, :], mask=q_mask, other=0.0)
+    else:
+        cols = _rotate_cols(q_rows, q_mask, rot_hi_ptr, rot_lo_ptr, ROWS, DIM, COL0, COLS, CHUNK, UPCAST)
+    return cols
 
 
 @triton.jit
@@ -236,22 +243,16 @@ def turboquant_attention_kernel(
     # its scores instead.
     q_rows = q_ptr + token[:, None] * stride_qt + row_head[:, None] * stride_qh
     q_mask = row_valid[:, None]
-    if ROTATED_QUERY:
-        q0 = _load_cols(q_rows, q_mask, 0, FW)
-        q1 = _load_cols(q_rows, q_mask, FW, FW)
-    else:
-        q0 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 0, FW, ROT_CHUNK, UPCAST)
-        q1 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, FW, FW, ROT_CHUNK, UPCAST)
+    q0 = _query_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 0, FW, ROT_CHUNK, UPCAST,
+                     ROTATED_QUERY)
+    q1 = _query_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, FW, FW, ROT_CHUNK, UPCAST,
+                     ROTATED_QUERY)
     q_sq = tl.sum(q0 * q0, 1) + tl.sum(q1 * q1, 1)
     if FIELDS == 4:
-        if ROTATED_QUERY:
-            q2 = _load_cols(q_rows, q_mask, 2 * FW, FW)
-            q3 = _load_cols(q_rows, q_mask, 3 * FW, FW)
-        else:
-            q2 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 2 * FW, FW, ROT_CHUNK,
-                              UPCAST)
-            q3 = _rotate_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 3 * FW, FW, ROT_CHUNK,
-                              UPCAST)
+        q2 = _query_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 2 * FW, FW, ROT_CHUNK, UPCAST,
+                         ROTATED_QUERY)
+        q3 = _query_cols(q_rows, q_mask, qrot_hi_ptr, qrot_lo_ptr, BLOCK_M, HEAD_DIM, 3 * FW, FW, ROT_CHUNK, UPCAST,
+                         ROTATED_QUERY)
         q_sq += tl.sum(q2 * q2, 1) + tl.sum(q3 * q3, 1)
     q_norm = tl.sqrt(q_sq)
     q_inv = 1.0 / tl.maximum(q_norm, 1e-30)
