@@ -6,8 +6,10 @@ holds in the same memory, greedy continuations of four prompts compared
 token by token with the plain cache's, and the decode step time (CUDA
 graphs) at batch 1 / 8 / 64 with every sequence at ``--context`` tokens.
 The embedded SmolLM2-135M (9 query / 3 KV heads, head dim 64) in bfloat16.
+A format written ``turboquant3@0`` runs with ``kv_exact_tail=0`` (no exact
+first and latest tokens; the default keeps 64).
 
-    python benchmarks/bench_engine_kv_formats.py [--context 2048] [--steps 30]
+    python benchmarks/bench_engine_kv_formats.py [--context 2048] [--steps 30] [--formats auto,turboquant3@0]
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from kernelplane.engine import EngineConfig, LLMEngine, SamplingParams
 from kernelplane.models import load_model
 
-FORMATS = ("auto", "turboquant4", "turboquant3", "turboquant2")
+FORMATS = ("auto", "turboquant4", "turboquant3", "turboquant2", "turboquant4@0", "turboquant3@0", "turboquant2@0")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List three primary colors:"]
 
 
@@ -54,13 +56,15 @@ def main() -> int:
     long_ids = lm.tokenizer.encode(text, add_special_tokens=False)[: args.context - 64]
     print(f"# {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
           f"context {len(long_ids)} + decode")
-    print("| KV cache | attention | cache tokens | vs plain | greedy tokens equal to plain | "
+    print("| KV cache | exact tail | attention | cache tokens | vs plain | greedy tokens equal to plain | "
           "identical sequences | step ms b1 | b8 | b64 | graphed steps |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     plain = None
-    for fmt in args.formats.split(","):
+    for spec in args.formats.split(","):
+        fmt, _, tail = spec.partition("@")
+        tail_kw = {"kv_exact_tail": int(tail)} if tail else {}
         engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache_dtype=fmt, max_model_len=args.context + 128,
-                                        max_num_seqs=64), loaded=lm)
+                                        max_num_seqs=64, **tail_kw), loaded=lm)
         capacity = engine.num_kv_blocks * engine.block_size
         outs = [o.token_ids for o in engine.generate(PROMPTS, SamplingParams(max_tokens=args.gen, temperature=0,
                                                                             ignore_eos=True))]
@@ -69,10 +73,10 @@ def main() -> int:
         equal = sum(a == b for x, y in zip(outs, plain["outs"]) for a, b in zip(x, y))
         same = sum(x == y for x, y in zip(outs, plain["outs"]))
         if args.show:
-            print(f"<!-- {fmt}: {[lm.tokenizer.decode(o[:12]) for o in outs]} -->", flush=True)
+            print(f"<!-- {spec}: {[lm.tokenizer.decode(o[:12]) for o in outs]} -->", flush=True)
         times = [decode_step_ms(engine, long_ids, b, args.steps) for b in (1, 8, 64)]
         backend = engine.selections["attention"].chosen.name
-        print(f"| {fmt} | {backend} | {capacity:,} | {capacity / plain['capacity']:.2f}x | "
+        print(f"| {fmt} | {engine.exact_tail or '-'} | {backend} | {capacity:,} | {capacity / plain['capacity']:.2f}x | "
               f"{equal}/{len(PROMPTS) * args.gen} | {same}/{len(PROMPTS)} | "
               + " | ".join(f"{t:.2f}" for t in times) + f" | {engine.counters['steps_graphed']} |", flush=True)
         del engine

@@ -15,6 +15,11 @@ round-to-nearest int8 (absmax per token and head); and round-to-nearest at
 4/3/2 bits (``rtn4`` ...: asymmetric min-max per token and head, float16
 scale and offset, implemented here as the same-bits baseline).
 
+``--exact-tail N``: the quantized caches also keep each sequence's first and
+latest N tokens exact (``kernelplane.exact_tail``, as the engine does by
+default), and each window is fed one token per step, as decoding would: a
+prefill reads the tail only for its sequence's last N positions.
+
 Per format: perplexity over all windows, its change against the plain
 cache, top-1 agreement of next-token predictions with the plain cache
 (teacher-forced, every position), and greedy generation from ``--prompts``
@@ -36,6 +41,7 @@ from typing import Optional
 import torch
 
 from kernelplane import AttentionMetadata, AttentionRequest, KVPages, KVQuantRequest
+from kernelplane.exact_tail import ExactTail
 from kernelplane.kv_cache import allocate_plain_pages
 from kernelplane.models import load_model
 from kernelplane.reference.attention import ReferenceAttention
@@ -107,10 +113,11 @@ def make_quantizer(fmt: str, config, norm_mode: str):
 class Runner:
     """Runs the model over one sequence at a time with a fresh cache of one format."""
 
-    def __init__(self, lm, fmt: str, norm_mode: str, max_tokens: int):
+    def __init__(self, lm, fmt: str, norm_mode: str, max_tokens: int, exact_tail: int = 0):
         self.model, self.config = lm.model, lm.config
         c = self.config
         self.quantizer = make_quantizer(fmt, c, norm_mode)
+        self.exact_tail = exact_tail if self.quantizer is not None else 0
         blocks = math.ceil(max_tokens / BLOCK)
         if self.quantizer is None:
             self.caches = [allocate_plain_pages(blocks, BLOCK, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
@@ -118,6 +125,9 @@ class Runner:
         else:
             self.caches = [self.quantizer.allocate(blocks, BLOCK, c.num_kv_heads, c.head_dim, c.head_dim, "cpu")
                            for _ in range(c.num_layers)]
+            for pages in self.caches if self.exact_tail else []:
+                pages.exact_tail = ExactTail.allocate(self.exact_tail, 1, c.num_kv_heads, c.head_dim, c.head_dim,
+                                                      torch.float32, "cpu")
         self.table = list(range(blocks))
         kv_format = "float32" if self.quantizer is None else self.quantizer.format
         self.attention = ReferenceAttention(AttentionRequest(
@@ -128,18 +138,22 @@ class Runner:
     def step(self, token_ids: list[int], start: int) -> torch.Tensor:
         """Logits [len(token_ids), vocab] for tokens at positions start.. (earlier ones already cached)."""
         n = len(token_ids)
-        meta = AttentionMetadata.build([n], [start + n], [self.table[: math.ceil((start + n) / BLOCK)]], BLOCK)
+        meta = AttentionMetadata.build([n], [start + n], [self.table[: math.ceil((start + n) / BLOCK)]], BLOCK,
+                                       seq_slots=[0] if self.exact_tail else None)
         self.model.set_attention_backend(self.attention)
         hidden = self.model(torch.tensor(token_ids), torch.arange(start, start + n), self.caches, meta)
         return self.model.compute_logits(hidden)
 
 
-def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None):
+def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, exact_tail=0):
     max_tokens = max(max(len(w) for w in windows), max(len(p) for p in prompts) + gen_tokens)
-    runner = Runner(lm, fmt, norm_mode, max_tokens)
+    runner = Runner(lm, fmt, norm_mode, max_tokens, exact_tail)
     nll, count, preds = 0.0, 0, []
     for w in windows:
-        logits = runner.step(w, 0)
+        if runner.exact_tail:  # one token per step: every position reads the tail as a decode step does
+            logits = torch.cat([runner.step([t], i) for i, t in enumerate(w)])
+        else:
+            logits = runner.step(w, 0)
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)
         target = torch.tensor(w[1:])
         nll -= logp.gather(1, target[:, None]).sum().item()
@@ -157,6 +171,8 @@ def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None):
         generations.append(out)
     q = runner.quantizer
     mode = q.key_codec.norm_mode + (", centred keys" if q.center_keys else "") if hasattr(q, "key_codec") else ""
+    if runner.exact_tail:
+        mode += f"{', ' if mode else ''}first + latest {runner.exact_tail} exact"
     result = dict(format=fmt, norm_mode=mode, ppl=math.exp(nll / count), tokens=count)
     if runner.quantizer is not None and hasattr(runner.quantizer, "bytes_per_token"):
         c = lm.config
@@ -184,6 +200,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--norm-modes", default="", help="TurboQuant norm modes to try, comma-separated "
                                                      "(mse,length,unbiased); default: the plugin's choice per bits")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--exact-tail", type=int, default=0, metavar="N",
+                    help="quantized caches keep each sequence's first and latest N tokens exact (windows decoded "
+                         "one token per step)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -210,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         modes = args.norm_modes.split(",") if fmt.startswith("turboquant") and ":" not in fmt else [""]
         for mode in modes:
             t = time.time()
-            r, _ = evaluate(lm, fmt, mode, windows, prompts, args.gen, reference=ref)
+            r, _ = evaluate(lm, fmt, mode, windows, prompts, args.gen, reference=ref, exact_tail=args.exact_tail)
             r["delta_ppl"] = r["ppl"] / base["ppl"] - 1
             results.append(r)
             log(f"{fmt} {mode}: ppl {r['ppl']:.4f} ({100 * r['delta_ppl']:+.2f} %), top-1 agreement "

@@ -1,6 +1,6 @@
 """Engine decode step time on a GPU, eager vs CUDA graphs, with greedy
 agreement checks (triton vs reference attention; graphs vs eager, also for
-TurboQuant caches).
+TurboQuant caches with their exact tail, and their kernel vs the reference).
 
     python benchmarks/profile_engine_step.py            # prints a table; writes $OUT/profile.txt if OUT is set
 """
@@ -44,16 +44,18 @@ for fmt in ("turboquant2", "turboquant4"):
     for dtype in ("float32", "bfloat16"):
         lm = load_model("default", device="cuda", dtype=dtype, progress=False)
         outs = {}
-        for name, kw in [("eager", dict(enforce_eager=True)), ("graphs", dict())]:
+        for name, kw in [("eager", dict(enforce_eager=True)), ("graphs", dict()),
+                         ("reference", dict(enforce_eager=True, attention_backend="reference"))]:
             eng = LLMEngine(EngineConfig(device="cuda", dtype=dtype, kv_cache_dtype=fmt, max_model_len=1024, num_kv_blocks=512,
                                          max_num_seqs=8, **kw), loaded=lm)
             outs[name] = [o.token_ids for o in eng.generate(prompts, greedy)]
             del eng
-        same = sum(x == y for x, y in zip(outs["eager"], outs["graphs"]))
-        first_diff = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
-                      for x, y in zip(outs["eager"], outs["graphs"])]
-        p(f"greedy {fmt} {dtype}: eager vs graphs: identical sequences {same}/{len(prompts)}, "
-          f"equal tokens before the first difference {first_diff} of {greedy.max_tokens}")
+        for a, b in (("eager", "graphs"), ("reference", "eager")):
+            same = sum(x == y for x, y in zip(outs[a], outs[b]))
+            first_diff = [next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
+                          for x, y in zip(outs[a], outs[b])]
+            p(f"greedy {fmt} {dtype} (exact tail 64): {a} vs {b}: identical sequences {same}/{len(prompts)}, "
+              f"equal tokens before the first difference {first_diff} of {greedy.max_tokens}")
 
 lm = load_model("default", device="cuda", dtype="bfloat16", progress=False)
 p("| attention | mode | batch | ms/step | tokens/s |")

@@ -55,6 +55,11 @@ class KVQuantizer(Protocol):
         """
         ...
 
+    # Optional, for formats that keep an exact tail (``exact_tail.py``) in a
+    # form of their own; without them the tail holds K/V as written:
+    #   to_exact_tail(pages, key, value) -> (key, value)    what the tail stores
+    #   from_exact_tail(pages, key, value) -> (key, value)  back to K/V, float32
+
 
 @runtime_checkable
 class MoEKernel(Protocol):

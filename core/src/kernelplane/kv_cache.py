@@ -23,6 +23,7 @@ import torch
 from .capabilities import PLAIN_KV_FORMATS
 
 if TYPE_CHECKING:
+    from .exact_tail import ExactTail
     from .interfaces import KVQuantizer
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,6 +48,8 @@ class KVPages:
     tensors: dict[str, torch.Tensor]
     mla: bool = False
     quantizer: Optional["KVQuantizer"] = None
+    # Quantized formats may keep each running sequence's first and latest tokens exact (exact_tail.py).
+    exact_tail: Optional["ExactTail"] = None
 
     @property
     def key(self) -> torch.Tensor:
@@ -119,12 +122,26 @@ def writing_placeholders() -> bool:
     return _placeholder_depth > 0
 
 
-def write_kv(pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor], slot_mapping: torch.Tensor) -> None:
-    """Write new tokens into a layer's cache, quantizing if its format asks for it."""
-    if pages.quantizer is not None:
-        pages.quantizer.write(pages, key, value, slot_mapping)
-    else:
+def write_kv(pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor], slot_mapping: torch.Tensor,
+             meta: Optional["AttentionMetadata"] = None) -> None:
+    """Write new tokens into a layer's cache, quantizing if its format asks for
+    it, and into its exact tail where the step's ``meta`` gives sequence slots."""
+    if pages.quantizer is None:
         write_plain(pages, key, value, slot_mapping)
+        return
+    pages.quantizer.write(pages, key, value, slot_mapping)
+    if meta is not None and exact_tail_in_use(pages, meta) and key.shape[0]:
+        to_tail = getattr(pages.quantizer, "to_exact_tail", None)
+        pages.exact_tail.write(meta, *(to_tail(pages, key, value) if to_tail else (key, value)))
+
+
+def exact_tail_kv(pages: KVPages, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence slot's exact tail as float32 K/V ``[entries, heads, dim]``."""
+    tail = pages.exact_tail
+    key, value = tail.key[slot], tail.value[slot]
+    from_tail = getattr(pages.quantizer, "from_exact_tail", None)
+    key, value = from_tail(pages, key, value) if from_tail else (key, value)
+    return key.float(), value.float()
 
 
 @dataclass
@@ -148,6 +165,13 @@ class AttentionMetadata:
     # Host copies, so backends that loop on the CPU need no device sync.
     query_lens_cpu: list[int] = field(default_factory=list)
     seq_lens_cpu: list[int] = field(default_factory=list)
+    # int32 [B]: a slot per running sequence, the same on every step of that
+    # sequence (the engine assigns them). Per-sequence state such as an exact
+    # tail lives there; None outside the engine, and then no such state is used.
+    seq_slots: Optional[torch.Tensor] = None
+    # Tensors derived from the fields above, computed by the first layer that
+    # needs them and reused by the rest (a CUDA graph records them once).
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -159,10 +183,13 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
-              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+              block_size: int, device: torch.device | str = "cpu",
+              seq_slots: Optional[list[int]] = None) -> "AttentionMetadata":
         """Build metadata from host lists (the engine and the tests use this)."""
         if len(query_lens) != len(seq_lens) or len(seq_lens) != len(block_tables):
             raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+        if seq_slots is not None and len(seq_slots) != len(seq_lens):
+            raise ValueError(f"seq_slots has {len(seq_slots)} entries for {len(seq_lens)} sequences")
         starts = [0]
         slots: list[int] = []
         for q, s, table in zip(query_lens, seq_lens, block_tables):
@@ -184,7 +211,14 @@ class AttentionMetadata:
             max_seq_len=max(seq_lens, default=0),
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
+            seq_slots=None if seq_slots is None else torch.tensor(seq_slots, dtype=torch.int32, device=device),
         )
+
+
+def exact_tail_in_use(pages: KVPages, meta: AttentionMetadata) -> bool:
+    """Whether this step writes and reads ``pages.exact_tail``: only where the
+    engine gave every sequence a slot."""
+    return pages.exact_tail is not None and meta.seq_slots is not None
 
 
 def check_kernel_inputs(query: torch.Tensor, pages: KVPages, meta: AttentionMetadata, request) -> None:

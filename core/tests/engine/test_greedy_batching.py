@@ -120,3 +120,22 @@ def test_unwritten_cache_slots_are_never_read(make_engine, tiny_prompts, tiny_re
             t.fill_(float("nan"))
     outputs = engine.generate(tiny_prompts, GREEDY)
     assert [o.token_ids for o in outputs] == tiny_reference
+
+
+def test_an_exact_tail_as_long_as_the_context_makes_an_int8_cache_exact(make_engine, tiny_prompts, tiny_reference):
+    """Every position read from the tail: greedy tokens equal transformers' on the float weights, through slot
+    reuse (more prompts than slots) and preemption (a cache too small for all of them)."""
+    engine = make_engine(kv_cache_dtype="int8", kv_exact_tail=256, max_num_seqs=3, num_kv_blocks=40)
+    assert engine.exact_tail == 256 and engine.kv_caches[0].exact_tail is not None
+    outputs = engine.generate(tiny_prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == tiny_reference
+    assert engine.counters["preemptions"] > 0
+    assert sorted(engine.free_seq_slots) == [0, 1, 2]
+
+
+def test_int8_without_the_tail_is_not_exact(make_engine, tiny_prompts, tiny_reference):
+    """The test above can fail: the same cache with the tail off reads int8 everywhere."""
+    engine = make_engine(kv_cache_dtype="int8", kv_exact_tail=0, max_num_seqs=3)
+    assert engine.kv_caches[0].exact_tail is None
+    outputs = engine.generate(tiny_prompts, GREEDY)
+    assert [o.token_ids for o in outputs] != tiny_reference

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from kernelplane import AttentionMetadata, AttentionRequest, KVQuantRequest
+from kernelplane.exact_tail import ExactTail
+from kernelplane.kv_cache import write_kv
 from kernelplane.reference.attention import ReferenceAttention
 from kernelplane_quant_turboquant.backend import TurboQuantAttention
 from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
@@ -18,7 +20,8 @@ DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_a
 
 
 def run_case(fmt, num_heads, num_kv_heads, head_dim, query_lens, seq_lens, dtype=torch.float32, block_size=16,
-             window=None, causal=True, seed=0, **plan):
+             window=None, causal=True, seed=0, tail_window=None, **plan):
+    """``tail_window``: the pages get an exact tail (sequences in shuffled slots), written and read."""
     gen = torch.Generator().manual_seed(seed)
     dtype_name = str(dtype).removeprefix("torch.")
     quantizer = TurboQuantKVQuantizer(KVQuantRequest(format=fmt, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -30,12 +33,17 @@ def run_case(fmt, num_heads, num_kv_heads, head_dim, query_lens, seq_lens, dtype
     pages = quantizer.allocate(num_blocks, block_size, num_kv_heads, head_dim, head_dim, DEVICE)
     for t in pages.tensors.values():  # garbage in unwritten slots
         t.copy_(torch.randint(0, 255, t.shape, generator=gen).to(t.dtype))
-    written = AttentionMetadata.build(list(seq_lens), list(seq_lens), tables, block_size, DEVICE)
+    slots = None
+    if tail_window is not None:
+        pages.exact_tail = ExactTail.allocate(tail_window, len(seq_lens) + 1, num_kv_heads, head_dim, head_dim,
+                                              dtype, DEVICE)
+        slots = torch.randperm(len(seq_lens) + 1, generator=gen)[:len(seq_lens)].tolist()
+    written = AttentionMetadata.build(list(seq_lens), list(seq_lens), tables, block_size, DEVICE, seq_slots=slots)
     scale = torch.rand(sum(seq_lens), num_kv_heads, 1, generator=gen) * 3 + 0.1
     key = torch.randn(sum(seq_lens), num_kv_heads, head_dim, generator=gen) * scale
     value = torch.randn(sum(seq_lens), num_kv_heads, head_dim, generator=gen)
-    quantizer.write(pages, key.to(DEVICE), value.to(DEVICE), written.slot_mapping)
-    meta = AttentionMetadata.build(list(query_lens), list(seq_lens), tables, block_size, DEVICE)
+    write_kv(pages, key.to(DEVICE), value.to(DEVICE), written.slot_mapping, written)
+    meta = AttentionMetadata.build(list(query_lens), list(seq_lens), tables, block_size, DEVICE, seq_slots=slots)
     query = (torch.randn(sum(query_lens), num_heads, head_dim, generator=gen) * 2).to(DEVICE, dtype)
     request = AttentionRequest(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype_name,
                                kv_cache_format=fmt, block_size=block_size, sliding_window=window, causal=causal)
@@ -46,6 +54,10 @@ def run_case(fmt, num_heads, num_kv_heads, head_dim, query_lens, seq_lens, dtype
     assert torch.isfinite(out).all()
     err = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
     assert err < TOL[dtype], f"relative error {err:.2e}"
+    if tail_window is not None:  # the tail changed the answer: the comparison above saw it used
+        codes_only = AttentionMetadata.build(list(query_lens), list(seq_lens), tables, block_size, DEVICE)
+        assert not torch.allclose(ReferenceAttention(request).forward(query.float(), pages, codes_only), reference,
+                                  rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("fmt", ["turboquant2", "turboquant3", "turboquant4"])
@@ -140,3 +152,17 @@ def test_plan_takes_the_cubic_for_two_bits_on_a_gpu_only():
     assert backend.plan(prefill, bits=2).lookup != 3
     with pytest.raises(ValueError, match="for 2-bit codes"):
         backend.plan(decode, bits=4, lookup=3)
+
+
+@pytest.mark.parametrize("fmt,lookup,dtype", [("turboquant2", 3, torch.bfloat16), ("turboquant3", 1, torch.float16),
+                                              ("turboquant4", 0, torch.float32)])
+def test_exact_tail_read_beside_the_codes(fmt, lookup, dtype):
+    # Decode and drafts over split KV ranges (the tail read by the last split), sequences shorter than the tail
+    # (codes cover nothing), a GQA group of three.
+    run_case(fmt, 9, 3, 64, (1, 3, 1), (150, 40, 5), dtype=dtype, splits=3, block_n=32, lookup=lookup,
+             tail_window=20)
+
+
+def test_exact_tail_in_prefill_tiles_with_a_window():
+    run_case("turboquant4", 8, 2, 64, (40, 7), (55, 7), dtype=torch.float16, block_n=16, window=30, tail_window=12)
+    run_case("turboquant3", 4, 1, 128, (1,), (70,), dtype=torch.bfloat16, block_n=64, tail_window=64)

@@ -148,3 +148,23 @@ def test_the_engine_primes_the_offset_before_any_request():
         offsets.append(before)
     # Set by the fixed priming text, so the same on every start whatever comes first.
     assert all(torch.equal(a, b) for a, b in zip(*offsets))
+
+
+def test_with_the_tail_covering_every_position_the_engine_decodes_like_the_float_cache():
+    """SmolLM2 on 2-bit pages: a tail longer than the sequences makes every read exact, so greedy tokens equal
+    the float32 cache's; without the tail they do not (so the comparison can fail)."""
+    from kernelplane.engine import EngineConfig, LLMEngine, SamplingParams
+    from kernelplane.models import load_model
+
+    lm = load_model("default", device="cpu", dtype="float32", progress=False)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    def tokens(**kw):
+        engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", max_model_len=96, attention_backend="reference",
+                                        max_num_seqs=2, num_kv_blocks=24, **kw), loaded=lm)
+        return [o.token_ids for o in engine.generate(prompts, greedy)]
+
+    plain = tokens()
+    assert tokens(kv_cache_dtype="turboquant2", kv_exact_tail=96) == plain
+    assert tokens(kv_cache_dtype="turboquant2", kv_exact_tail=0) != plain

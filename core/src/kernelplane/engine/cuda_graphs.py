@@ -33,7 +33,7 @@ CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 class StepGraphs:
     def __init__(self, model, kv_caches, max_batch: int, tokens_per_seq: int, max_model_len: int, block_size: int,
-                 scratch_block: int, device: str, pool=None):
+                 scratch_block: int, device: str, pool=None, scratch_slot: int = 0):
         self.model, self.kv_caches = model, kv_caches
         self.q = tokens_per_seq
         self.block_size, self.scratch_block = block_size, scratch_block
@@ -49,6 +49,9 @@ class StepGraphs:
         self.seq_lens = torch.ones(self.sizes[-1], dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(0, rows + 1, self.q, dtype=torch.int32, device=device)
         self.block_tables = torch.full((self.sizes[-1], width), scratch_block, dtype=torch.int32, device=device)
+        # Padded sequences take the scratch slot (exact_tail.py), so their rows never touch a running sequence's.
+        self.scratch_slot = scratch_slot
+        self.seq_slots = torch.full((self.sizes[-1],), scratch_slot, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = pool
 
@@ -57,7 +60,7 @@ class StepGraphs:
         return AttentionMetadata(query_start_loc=self.query_start_loc[:b + 1], seq_lens=self.seq_lens[:b],
                                  block_tables=self.block_tables[:b], slot_mapping=self.slot_mapping[:n],
                                  max_query_len=self.q, max_seq_len=self.max_model_len + self.q - 1,
-                                 query_lens_cpu=[self.q] * b, seq_lens_cpu=[])
+                                 query_lens_cpu=[self.q] * b, seq_lens_cpu=[], seq_slots=self.seq_slots[:b])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -66,13 +69,14 @@ class StepGraphs:
         self.seq_lens.fill_(self.q)
         self.positions.copy_(torch.arange(self.q, device=self.positions.device).repeat(big))
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
-            meta = self._meta(b)
             n = b * self.q
             with placeholder_writes():  # dummy rows: no quantizer may learn from them
                 for _ in range(2):  # compile kernels and settle allocations outside the graph
-                    self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, meta)
+                    self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, self._meta(b))
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
+                # A fresh meta: what layers derive from it (meta.derived) must be computed inside the graph.
+                meta = self._meta(b)
                 with torch.cuda.graph(graph, pool=self.pool):
                     hidden = self.model(self.input_ids[:n], self.positions[:n], self.kv_caches, meta)
             if self.pool is None:
@@ -84,7 +88,8 @@ class StepGraphs:
     def padded_size(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
 
-    def run(self, tokens: list[list[int]], starts: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+    def run(self, tokens: list[list[int]], starts: list[int], block_tables: list[list[int]],
+            seq_slots: list[int]) -> torch.Tensor:
         """Hidden states, compacted to the real tokens in order, for sequences
         that feed ``tokens[i]`` (at most ``q`` each) from position ``starts[i]``."""
         n = len(tokens)
@@ -114,6 +119,7 @@ class StepGraphs:
         self.slot_mapping[:b * q].copy_(torch.tensor(slots))
         self.seq_lens[:b].copy_(torch.tensor(seq_lens, dtype=torch.int32))
         self.block_tables[:b].copy_(torch.tensor(rows, dtype=torch.int32))
+        self.seq_slots[:b].copy_(torch.tensor(list(seq_slots) + [self.scratch_slot] * (b - n), dtype=torch.int32))
         graph.replay()
         if len(keep) == b * q:
             return hidden

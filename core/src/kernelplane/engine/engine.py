@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..capabilities import PLAIN_KV_FORMATS, Capability, KVQuantRequest, SpecRequest
 from ..hardware import hardware_for_device
+from ..exact_tail import ExactTail
 from ..kv_cache import AttentionMetadata, KVPages, allocate_plain_pages, torch_dtype
 from ..models.pointwise import compiled_ops
 from ..selection import Selection, select
@@ -56,6 +57,9 @@ class EngineConfig(BaseModel):
     max_waiting: int = Field(default=256, ge=0)
     attention_backend: Optional[str] = None
     kv_cache_dtype: str = "auto"
+    kv_exact_tail: int = Field(default=64, ge=0, description=(
+        "quantized KV caches: each running sequence's first and latest N tokens are also kept unquantized and "
+        "read exact by attention backends that know the tail (0: off)"))
     speculative_method: Optional[str] = None
     num_speculative_tokens: int = Field(default=3, ge=1, le=16)
     speculative_options: dict = Field(default_factory=dict)
@@ -124,6 +128,9 @@ class LLMEngine:
             if ops.fused:
                 log.info("engine: fused norms, RoPE and SwiGLU with torch.compile in %.1f s", time.perf_counter() - t0)
 
+        # The tail only pays where the attention backend reads it.
+        self.exact_tail = (config.kv_exact_tail if quantizer is not None
+                           and getattr(self.attention, "reads_exact_tail", False) else 0)
         self.kv_caches = self._allocate_cache(kv_format, quantizer)
         if quantizer is not None:
             self._prime_quantizer()
@@ -135,19 +142,23 @@ class LLMEngine:
             pool = None
             for q in sorted({1, 1 + config.num_speculative_tokens if self.proposer else 1}, reverse=True):
                 g = StepGraphs(self.model, self.kv_caches, config.max_num_seqs, q, self.max_model_len,
-                               self.block_size, scratch_block=usable_blocks, device=self.device, pool=pool)
+                               self.block_size, scratch_block=usable_blocks, device=self.device, pool=pool,
+                               scratch_slot=config.max_num_seqs)
                 g.capture()
                 pool = g.pool
                 self.step_graphs[q] = g
         self.allocator = BlockAllocator(usable_blocks)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.free_seq_slots = list(range(config.max_num_seqs - 1, -1, -1))
         self.requests: dict[str, Request] = {}
         self.counters = collections.Counter()
         # Requests the scheduler had to stop (they cannot fit the cache): reported by the next step().
         self._stopped_by_scheduler: list[Request] = []
-        log.info("engine: %s %s, attention=%s, KV cache %s: %d blocks x %d tokens (%.1f MiB)", self.device, self.dtype,
-                 asel.chosen.name, kv_format, self.num_kv_blocks, self.block_size, self.kv_cache_bytes / 2**20)
+        log.info("engine: %s %s, attention=%s, KV cache %s: %d blocks x %d tokens (%.1f MiB)%s", self.device,
+                 self.dtype, asel.chosen.name, kv_format, self.num_kv_blocks, self.block_size,
+                 self.kv_cache_bytes / 2**20,
+                 f", first and latest {self.exact_tail} tokens exact" if self.exact_tail else "")
 
     # ---- KV cache -------------------------------------------------------
     @torch.inference_mode()
@@ -168,15 +179,18 @@ class LLMEngine:
         else:
             per_token = quantizer.bytes_per_token(mc.num_kv_heads, mc.head_dim, mc.head_dim)
         block_bytes = per_token * self.block_size * mc.num_layers
+        tail_bytes = mc.num_layers * ExactTail.bytes_for(self.exact_tail, self.config.max_num_seqs, mc.num_kv_heads,
+                                                         mc.head_dim, mc.head_dim, torch_dtype(self.dtype)) \
+            if self.exact_tail else 0
         if self.config.num_kv_blocks:
             n = self.config.num_kv_blocks
         else:
             wanted = self.config.max_num_seqs * math.ceil(self.max_model_len / self.block_size)
             if self.device == "cuda":
                 free, _ = torch.cuda.mem_get_info()
-                n = int(free * GPU_MEMORY_FRACTION // block_bytes)
+                n = int((free * GPU_MEMORY_FRACTION - tail_bytes) // block_bytes)
             else:
-                n = min(wanted, int(CPU_KV_CACHE_BYTES // block_bytes))
+                n = min(wanted, int((CPU_KV_CACHE_BYTES - tail_bytes) // block_bytes))
         if n * self.block_size < 2:
             raise ValueError("not enough memory for a KV cache")
         self.num_kv_blocks = n
@@ -184,8 +198,13 @@ class LLMEngine:
         if quantizer is None:
             return [allocate_plain_pages(n, self.block_size, mc.num_kv_heads, mc.head_dim, mc.head_dim,
                                          torch_dtype(kv_format), self.device) for _ in range(mc.num_layers)]
-        return [quantizer.allocate(n, self.block_size, mc.num_kv_heads, mc.head_dim, mc.head_dim, self.device)
-                for _ in range(mc.num_layers)]
+        caches = [quantizer.allocate(n, self.block_size, mc.num_kv_heads, mc.head_dim, mc.head_dim, self.device)
+                  for _ in range(mc.num_layers)]
+        if self.exact_tail:
+            for pages in caches:
+                pages.exact_tail = ExactTail.allocate(self.exact_tail, self.config.max_num_seqs, mc.num_kv_heads,
+                                                      mc.head_dim, mc.head_dim, torch_dtype(self.dtype), self.device)
+        return caches
 
     def _ensure_blocks(self, req: Request, num_tokens: int) -> bool:
         need = math.ceil(num_tokens / self.block_size) - len(req.blocks)
@@ -262,6 +281,7 @@ class LLMEngine:
         req.finished_time = time.time()
         if req in self.running:
             self.running.remove(req)
+            self._release_slot(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.allocator.free(req.blocks)
@@ -271,8 +291,13 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
         self.counters[f"finished_{reason}"] += 1
 
+    def _release_slot(self, req: Request) -> None:
+        self.free_seq_slots.append(req.seq_slot)
+        req.seq_slot = None
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._release_slot(req)
         self.allocator.free(req.blocks)
         req.blocks, req.num_computed = [], 0
         self.waiting.appendleft(req)
@@ -339,6 +364,7 @@ class LLMEngine:
                 break
             self.waiting.popleft()
             self.running.append(req)
+            req.seq_slot = self.free_seq_slots.pop()  # running never exceeds max_num_seqs
             items.append((req, n, []))
             budget -= n
         return items
@@ -373,9 +399,10 @@ class LLMEngine:
         self.counters["steps_graphed" if graphs is not None else "steps_eager"] += 1
         if graphs is not None:
             hidden = graphs.run([r.token_ids[r.num_computed:r.num_computed + 1] + d for r, n, d in items],
-                                [r.num_computed for r, n, d in items], tables)
+                                [r.num_computed for r, n, d in items], tables, [r.seq_slot for r, n, d in items])
         else:
-            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, dev)
+            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, dev,
+                                           seq_slots=[r.seq_slot for r, n, d in items])
             hidden = self.model(torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, device=dev)]) if logit_rows else None
         self.counters["prompt_tokens"] += sum(n for (r, n, d) in items if len(r.token_ids) - r.num_computed > 1)

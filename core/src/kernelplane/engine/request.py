@@ -24,6 +24,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
+    seq_slot: Optional[int] = None  # while running: the engine's per-sequence slot (AttentionMetadata.seq_slots)
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
     finish_reason: Optional[str] = None

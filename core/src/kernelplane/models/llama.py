@@ -94,7 +94,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, : self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
         q, k = self.ops.apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        write_kv(pages, k, v, meta.slot_mapping)
+        write_kv(pages, k, v, meta.slot_mapping, meta)
         out = self.backend.forward(q, pages, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..capabilities import AttentionRequest
-from ..kv_cache import AttentionMetadata, KVPages
+from ..kv_cache import AttentionMetadata, KVPages, exact_tail_in_use, exact_tail_kv
 
 
 def gather_kv(pages: KVPages, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +34,8 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: torch.Tens
 
 
 class ReferenceAttention:
+    reads_exact_tail = True  # quantized pages: the first and latest tokens come from the exact tail
+
     def __init__(self, request: AttentionRequest):
         self.request = request
         self.scale = request.softmax_scale
@@ -75,6 +77,10 @@ class ReferenceAttention:
         out = torch.empty(query.shape[0], req.num_heads, pages.head_dim_v, dtype=query.dtype, device=query.device)
         starts = meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        tail = exact_tail_in_use(pages, meta)
+        if tail:
+            tail_positions = pages.exact_tail.entry_positions(meta.seq_lens)
+            slots = meta.seq_slots.tolist()
         for b, seq_len in enumerate(seq_lens):
             q0, q1 = starts[b], starts[b + 1]
             if q1 == q0:
@@ -82,8 +88,21 @@ class ReferenceAttention:
             n_blocks = (seq_len + bs - 1) // bs
             k, v = gather_kv(pages, meta.block_tables[b, :n_blocks].long())
             k, v = k[:seq_len], v[:seq_len]
+            if tail:
+                k, v = _overlay_exact_tail(pages, slots[b], tail_positions[b], k, v)
             k_pos = torch.arange(seq_len, device=query.device)
             q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
             mask = attention_mask(q_pos, k_pos, seq_len, req.causal, req.sliding_window)
             out[q0:q1] = self._attend(query[q0:q1], k, v, mask).to(query.dtype)
         return out
+
+
+def _overlay_exact_tail(pages: KVPages, slot: int, positions: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``/``v`` of one sequence with the positions its exact tail holds replaced by the tail's vectors."""
+    tail_k, tail_v = exact_tail_kv(pages, slot)
+    held = positions >= 0
+    k, v = k.float().clone(), v.float().clone()
+    k[positions[held]] = tail_k[held]
+    v[positions[held]] = tail_v[held]
+    return k, v

@@ -21,6 +21,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--attention-backend", help="explicit attention provider (same rules as KERNELPLANE_ATTENTION_BACKEND)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto, float16, bfloat16, int8, fp8, turboquant2/3/4, ...")
+    p.add_argument("--kv-exact-tail", type=int, default=None, metavar="N",
+                   help="quantized KV caches: keep each running sequence's first and latest N tokens unquantized "
+                        "(default 64; 0 turns it off)")
     p.add_argument("--speculative", metavar="METHOD", help="speculative decoding method, e.g. ngram")
     p.add_argument("--num-speculative-tokens", type=int)
     p.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
@@ -60,6 +63,8 @@ def engine_config_from_args(args):
                   strict=args.strict, enforce_eager=args.enforce_eager)
     if k is not None:
         kwargs["num_speculative_tokens"] = k
+    if getattr(args, "kv_exact_tail", None) is not None:
+        kwargs["kv_exact_tail"] = args.kv_exact_tail
     return EngineConfig(**kwargs)
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from kernelplane import AttentionMetadata, AttentionRequest, KVPages
-from kernelplane.kv_cache import check_kernel_inputs
+from kernelplane.kv_cache import check_kernel_inputs, exact_tail_in_use
 
 import triton.language as tl
 
@@ -58,6 +58,7 @@ class TurboQuantAttention:
     # forward has no host syncs: the plan depends only on host-side metadata
     # sizes, and the quantizer's key offset is a buffer read in place.
     supports_cuda_graphs = True
+    reads_exact_tail = True  # kernelplane.exact_tail: the kernel reads it beside the codes
 
     def __init__(self, request: AttentionRequest, sm_count: Optional[int] = None):
         self.request = request
@@ -170,11 +171,20 @@ class TurboQuantAttention:
         max_q = max(1, meta.max_query_len)
         grid = (meta.num_seqs, math.ceil(max_q / plan.block_q), req.num_kv_heads * plan.splits)
         q_in = torch.matmul(query.float(), ops["q_rot"]) if plan.rotated_query else query
+        score_scale = req.softmax_scale * _LOG2E / math.sqrt(req.head_dim)
+        has_tail = exact_tail_in_use(pages, meta)
+        if has_tail:
+            tail = pages.exact_tail
+            tk, tv, slots, window, capacity = tail.key, tail.value, meta.seq_slots, tail.window, tail.capacity
+        else:  # never read: HAS_TAIL=False compiles the tail loop away
+            tk, tv, slots, window, capacity = kn[:1, :1, :1, None], vn[:1, :1, :1, None], meta.seq_lens, 0, 1
         kernels.turboquant_attention_kernel[grid](
             q_in, partial, lse,
             kc, kn, vc, vn, k_table, v_table, ops["q_hi"], ops["q_lo"],
             meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            req.num_kv_heads, req.softmax_scale * _LOG2E / math.sqrt(req.head_dim), 1.0 / math.sqrt(req.v_dim),
+            tk, tv, slots, window, capacity, score_scale * math.sqrt(req.head_dim),
+            tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
+            req.num_kv_heads, score_scale, 1.0 / math.sqrt(req.v_dim),
             req.sliding_window or 0, plan.tokens_per_split,
             q_in.stride(0), q_in.stride(1),
             partial.stride(0), partial.stride(1), partial.stride(2),
@@ -188,7 +198,7 @@ class TurboQuantAttention:
             K_ASM=ops["k_asm"] if plan.lookup == 2 else "", V_ASM=ops["v_asm"] if plan.lookup == 2 else "",
             CAUSAL=req.causal, HAS_WINDOW=req.sliding_window is not None,
             COMPUTE_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
-            PRECISION="ieee", UPCAST=_INTERPRETED, ROTATED_QUERY=plan.rotated_query,
+            PRECISION="ieee", UPCAST=_INTERPRETED, ROTATED_QUERY=plan.rotated_query, HAS_TAIL=has_tail,
             num_warps=plan.num_warps, num_stages=plan.num_stages,
         )
         kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](
@@ -209,3 +219,10 @@ class TurboQuantAttention:
         for name in ("key_codes", "value_codes"):
             if pages.tensors[name].stride(3) != 1:
                 raise ValueError(f"{name} must be contiguous in its last dim")
+        if exact_tail_in_use(pages, meta):
+            tail = pages.exact_tail
+            if tail.key.stride(3) != 1 or tail.value.stride(3) != 1 or tail.key.device != query.device:
+                raise ValueError("the exact tail must sit on the query's device, contiguous in its last dim")
+            if meta.seq_slots.dtype != torch.int32 or meta.seq_slots.shape[0] != meta.num_seqs:
+                raise ValueError(f"seq_slots must be int32 [{meta.num_seqs}], got {meta.seq_slots.dtype} "
+                                 f"{tuple(meta.seq_slots.shape)}")

@@ -186,10 +186,30 @@ def _query_cols(q_rows, q_mask, rot_hi_ptr, rot_lo_ptr, ROWS: tl.constexpr, DIM:
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One online-softmax step over a tile of base-2 scores ``s [rows, keys]``:
+    (weights, factor for the old sums, new running max, new running sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _tail_cols(head_ptr, entry, held, stride_e, COL0: tl.constexpr, COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """Columns ``[COL0, COL0 + COLS)`` of exact-tail rows ``entry`` (zeros where not ``held``)."""
+    cols = COL0 + tl.arange(0, COLS)
+    x = tl.load(head_ptr + entry[:, None] * stride_e + cols[None, :], mask=held[:, None], other=0.0)
+    return x.to(COMPUTE_DTYPE)
+
+
+@triton.jit
 def turboquant_attention_kernel(
     q_ptr, part_ptr, lse_ptr,
     kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_table_ptr, v_table_ptr, qrot_hi_ptr, qrot_lo_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    tail_k_ptr, tail_v_ptr, seq_slots_ptr, tail_window, tail_capacity, tail_score_scale,
+    stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh,
     num_kv_heads, score_scale, value_scale, window, tokens_per_split,
     stride_qt, stride_qh,
     stride_pt, stride_ph, stride_ps,
@@ -204,6 +224,7 @@ def turboquant_attention_kernel(
     BITS: tl.constexpr, FIELDS: tl.constexpr, LOOKUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROTATED_QUERY: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
 ):
     """Grid: (sequences, query tiles of ``BLOCK_Q`` tokens, KV heads x splits).
 
@@ -217,7 +238,12 @@ def turboquant_attention_kernel(
     (float16, or float32 for float32 queries). Writes rotated partial outputs
     ``[tokens, heads, splits, head_dim_v]`` (float32) and their base-2
     log-sum-exp. ``ROTATED_QUERY``: ``q_ptr`` holds ``R q`` in float32
-    already (one product for the whole batch instead of one per program)."""
+    already (one product for the whole batch instead of one per program).
+
+    ``HAS_TAIL``: the sequence's position 0 and its latest ``tail_window``
+    positions come from the exact tail (``kernelplane.exact_tail``; rows
+    ``[slot, entry, head, dim]`` already centred and rotated like the codes),
+    read by the last split; the codes cover only the positions between."""
     FW: tl.constexpr = HEAD_DIM // FIELDS  # dims per field
     FWV: tl.constexpr = HEAD_DIM_V // FIELDS
     seq = tl.program_id(0)
@@ -274,6 +300,10 @@ def turboquant_attention_kernel(
         kv_lo = tl.maximum(first_pos - window + 1, 0)
     kv_lo = tl.maximum(kv_lo, split * tokens_per_split)
     kv_hi = tl.minimum(kv_hi, (split + 1) * tokens_per_split)
+    if HAS_TAIL:
+        exact_from = tl.maximum(seq_len - tail_window, 1)
+        kv_lo = tl.maximum(kv_lo, 1)
+        kv_hi = tl.minimum(kv_hi, exact_from)
     kv_hi = tl.where(q_tile_start < q_len, kv_hi, kv_lo)  # spare query tile: nothing to do
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -321,11 +351,7 @@ def turboquant_attention_kernel(
         if HAS_WINDOW:
             visible = visible & (tok[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
 
         v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4, LOOKUP)
         v_norm = tl.load(vn_head + block * stride_vnb + slot * stride_vnt, mask=in_range, other=0.0).to(tl.float32)
@@ -340,6 +366,50 @@ def turboquant_attention_kernel(
             acc3 = _dot(p, _field(v_main, v_extra, v_table_ptr, 3, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
                         acc3 * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
+
+    if HAS_TAIL:
+        # The exact tail, in the last split: entry 0 holds position 0, entry
+        # 1 + p % capacity position p (exact_tail.py has the definition).
+        slot = tl.load(seq_slots_ptr + seq).to(tl.int64)
+        tk_head = tail_k_ptr + slot * stride_tks + kv_head.to(tl.int64) * stride_tkh
+        tv_head = tail_v_ptr + slot * stride_tvs + kv_head.to(tl.int64) * stride_tvh
+        entries = tl.where((split == tl.num_programs(2) // num_kv_heads - 1) & (q_tile_start < q_len),
+                           tail_capacity + 1, 0)
+        exact_scale = q_norm * tail_score_scale  # tail rows hold coordinates, not unit-vector centroids
+        for e0 in range(0, entries, BLOCK_N):
+            entry = e0 + offs_n
+            back = ((seq_len - entry) % tail_capacity + tail_capacity) % tail_capacity
+            pos = tl.where(entry == 0, 0, seq_len - 1 - back)
+            held = (entry < entries) & ((entry == 0) | (pos >= exact_from))
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            s = _dot(q0, tl.trans(_tail_cols(tk_head, entry, held, stride_tke, 0, FW, COMPUTE_DTYPE)), s,
+                     PRECISION, UPCAST)
+            s = _dot(q1, tl.trans(_tail_cols(tk_head, entry, held, stride_tke, FW, FW, COMPUTE_DTYPE)), s,
+                     PRECISION, UPCAST)
+            if FIELDS == 4:
+                s = _dot(q2, tl.trans(_tail_cols(tk_head, entry, held, stride_tke, 2 * FW, FW, COMPUTE_DTYPE)), s,
+                         PRECISION, UPCAST)
+                s = _dot(q3, tl.trans(_tail_cols(tk_head, entry, held, stride_tke, 3 * FW, FW, COMPUTE_DTYPE)), s,
+                         PRECISION, UPCAST)
+            s = s * exact_scale[:, None]
+            visible = held[None, :] & row_valid[:, None]
+            if CAUSAL:
+                visible = visible & (pos[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
+            p = p.to(COMPUTE_DTYPE)
+            acc0 = _dot(p, _tail_cols(tv_head, entry, held, stride_tve, 0, FWV, COMPUTE_DTYPE), acc0 * alpha[:, None],
+                        PRECISION, UPCAST)
+            acc1 = _dot(p, _tail_cols(tv_head, entry, held, stride_tve, FWV, FWV, COMPUTE_DTYPE),
+                        acc1 * alpha[:, None], PRECISION, UPCAST)
+            if FIELDS == 4:
+                acc2 = _dot(p, _tail_cols(tv_head, entry, held, stride_tve, 2 * FWV, FWV, COMPUTE_DTYPE),
+                            acc2 * alpha[:, None], PRECISION, UPCAST)
+                acc3 = _dot(p, _tail_cols(tv_head, entry, held, stride_tve, 3 * FWV, FWV, COMPUTE_DTYPE),
+                            acc3 * alpha[:, None], PRECISION, UPCAST)
+            m_i = m_new
 
     # A row that saw no key (an empty split) yields 0 with log-sum-exp -inf.
     seen = l_i > 0.0

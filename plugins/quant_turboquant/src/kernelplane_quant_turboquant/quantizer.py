@@ -28,6 +28,12 @@ Two choices beyond the paper's MSE quantizer, both measured on SmolLM2-135M
   scales with the length of what is quantized.
 - the stored norm (``codec.NORM_MODES``): ``unbiased`` at 3 and 4 bits,
   ``mse`` at 2 bits.
+
+Where the engine keeps an exact tail (``kernelplane.exact_tail``: each
+running sequence's first and latest tokens unquantized), it holds them in the
+codes' space: keys centred and rotated, values rotated (``to_exact_tail``).
+The attention kernel then scores the tail with the same rotated query and
+accumulates its values in the same rotated output as the codes.
 """
 from __future__ import annotations
 
@@ -146,6 +152,22 @@ class TurboQuantKVQuantizer:
             packed, lengths = self.codec(plane).encode(x)
             codes[blocks, offsets] = packed
             norms[blocks, offsets] = lengths
+
+    def to_exact_tail(self, pages: KVPages, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the exact tail stores: ``R_k (k - mu)`` and ``R_v v`` (float32, one product each)."""
+        offset = self._offset_entry(pages).mu if self.center_keys else None
+        k = key.float() - offset if offset is not None else key.float()
+        return self._rotated(self.key_codec, k), self._rotated(self.value_codec, value.float())
+
+    def from_exact_tail(self, pages: KVPages, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Back from the tail's space to K/V (the reference path)."""
+        k = key.float() @ self.key_codec.rotation.matrix(key.device)
+        offset = self.key_offset(pages)
+        return (k + offset if offset is not None else k), value.float() @ self.value_codec.rotation.matrix(value.device)
+
+    @staticmethod
+    def _rotated(codec: TurboQuantCodec, x: torch.Tensor) -> torch.Tensor:
+        return x @ codec.rotation.matrix(x.device).T
 
     def dequantize(self, pages: KVPages, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
