@@ -59,6 +59,8 @@ class KVQuantizer(Protocol):
     # form of their own; without them the tail holds K/V as written:
     #   to_exact_tail(pages, key, value) -> (key, value)    what the tail stores
     #   from_exact_tail(pages, key, value) -> (key, value)  back to K/V, float32
+    # and ``writes_exact_tail = True`` where ``write`` takes ``meta=`` (the
+    # step's AttentionMetadata) and fills ``pages.exact_tail`` itself.
 
 
 @runtime_checkable

@@ -129,6 +129,9 @@ def write_kv(pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor], s
     if pages.quantizer is None:
         write_plain(pages, key, value, slot_mapping)
         return
+    if getattr(pages.quantizer, "writes_exact_tail", False):  # it fills the tail itself, e.g. in one kernel
+        pages.quantizer.write(pages, key, value, slot_mapping, meta=meta)
+        return
     pages.quantizer.write(pages, key, value, slot_mapping)
     if meta is not None and exact_tail_in_use(pages, meta) and key.shape[0]:
         to_tail = getattr(pages.quantizer, "to_exact_tail", None)

@@ -76,3 +76,35 @@ def test_fused_write_is_the_default_only_where_triton_compiles_and_the_dims_fit(
     assert not quantizer(64, "compiled")._fused_by_default
     with pytest.raises(ValueError, match="powers of two, got 96/96"):
         quantizer(96, "compiled", fused_write=True)
+
+
+@pytest.mark.parametrize("prerotate", [False, True])
+def test_fused_write_fills_the_exact_tail_like_the_pytorch_path(prerotate, monkeypatch):
+    from kernelplane import AttentionMetadata
+    from kernelplane.exact_tail import ExactTail
+    from kernelplane.kv_cache import write_kv
+
+    monkeypatch.setattr(write_kernel, "PREROTATE_MIN_WORK", 0 if prerotate else 1 << 62)
+    heads, dim, block = 2, 64, 16
+    # Two prompts, then a decode step: some rows have a place in the tail, the rest go to the scratch slot.
+    prompt = AttentionMetadata.build([30, 7], [30, 7], [[0, 1], [2]], block, DEVICE, seq_slots=[2, 0])
+    decode = AttentionMetadata.build([1, 1], [31, 8], [[0, 1], [2]], block, DEVICE, seq_slots=[2, 0])
+    g = torch.Generator().manual_seed(5)
+    rows = [(torch.randn(n, heads, dim, generator=g) * 2 + 1).to(DEVICE, torch.bfloat16) for n in (37, 2, 37, 2)]
+    tails = {}
+    for fused in (False, True):
+        q = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant3", num_kv_heads=heads, head_dim=dim),
+                                  fused_write=fused)
+        pages = q.allocate(4, block, heads, dim, dim, DEVICE)
+        pages.exact_tail = ExactTail.allocate(8, 3, heads, dim, dim, torch.bfloat16, DEVICE)
+        write_kv(pages, rows[0], rows[2], prompt.slot_mapping, prompt)
+        write_kv(pages, rows[1], rows[3], decode.slot_mapping, decode)
+        tails[fused] = pages.exact_tail
+        # What the tail holds is R_k (k - mu) and R_v v, read back by the reference path.
+        k, v = q.from_exact_tail(pages, pages.exact_tail.key[2, 0], pages.exact_tail.value[2, 0])
+        torch.testing.assert_close(k, rows[0][0].float(), rtol=0.02, atol=0.05)
+        torch.testing.assert_close(v, rows[2][0].float(), rtol=0.02, atol=0.05)
+    for plane in ("key", "value"):
+        a, b = getattr(tails[False], plane)[:3], getattr(tails[True], plane)[:3]  # slot 3 is the scratch
+        assert torch.count_nonzero(a) > 0
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.01, atol=0.02)

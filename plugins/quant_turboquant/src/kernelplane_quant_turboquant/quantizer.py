@@ -44,9 +44,9 @@ from typing import Optional
 
 import torch
 
-from kernelplane import KVPages, KVQuantRequest
+from kernelplane import AttentionMetadata, KVPages, KVQuantRequest
 from kernelplane.hardware import probe_hardware
-from kernelplane.kv_cache import torch_dtype, writing_placeholders
+from kernelplane.kv_cache import exact_tail_in_use, torch_dtype, writing_placeholders
 
 from .codec import NORM_DTYPE, TurboQuantCodec
 
@@ -125,11 +125,16 @@ class TurboQuantKVQuantizer:
         self._offset_entry(pages)  # the buffer exists before any CUDA graph is captured
         return pages
 
-    def write(self, pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor], slot_mapping: torch.Tensor) -> None:
+    # write() takes the step's metadata and fills the exact tail itself (in the fused kernel on GPUs).
+    writes_exact_tail = True
+
+    def write(self, pages: KVPages, key: torch.Tensor, value: Optional[torch.Tensor], slot_mapping: torch.Tensor,
+              meta: Optional[AttentionMetadata] = None) -> None:
         if value is None:
             raise ValueError("TurboQuant pages need both key and value")
         slots = slot_mapping.long()
         fused = self.fused_write if self.fused_write is not None else (self._fused_by_default and key.is_cuda)
+        tail = pages.exact_tail if meta is not None and exact_tail_in_use(pages, meta) and key.shape[0] else None
         blocks, offsets = (None, None) if fused else (slots // pages.block_size, slots % pages.block_size)
         for plane, x in (("key", key), ("value", value)):
             if x.dim() != 3 or x.shape[1] != pages.num_kv_heads or x.shape[2] != self.codec(plane).dim:
@@ -145,13 +150,17 @@ class TurboQuantKVQuantizer:
             if fused:
                 from . import write_kernel  # Triton is optional: imported only when used
 
-                write_kernel.launch(self.codec(plane), x, offset, codes, norms, slots, pages.block_size)
+                write_kernel.launch(self.codec(plane), x, offset, codes, norms, slots, pages.block_size,
+                                    tail=getattr(tail, plane) if tail else None,
+                                    tail_index=tail.write_index(meta) if tail else None)
                 continue
             if offset is not None:
                 x = x.float() - offset
             packed, lengths = self.codec(plane).encode(x)
             codes[blocks, offsets] = packed
             norms[blocks, offsets] = lengths
+        if tail is not None and not fused:
+            tail.write(meta, *self.to_exact_tail(pages, key, value))
 
     def to_exact_tail(self, pages: KVPages, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the exact tail stores: ``R_k (k - mu)`` and ``R_v v`` (float32, one product each)."""

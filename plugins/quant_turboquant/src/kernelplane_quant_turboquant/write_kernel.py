@@ -28,15 +28,20 @@ _FP16_MAX = tl.constexpr(65504.0)
 @triton.jit
 def quantize_write_kernel(
     x_ptr, offset_ptr, rot_ptr, thresholds_ptr, code_of_cell_ptr, table_ptr, slot_ptr, codes_ptr, norms_ptr,
+    tail_ptr, tail_index_ptr,
     stride_xt, stride_xh, stride_rj, stride_rk,
-    stride_cb, stride_ct, stride_ch, stride_nb, stride_nt, stride_nh,
+    stride_cb, stride_ct, stride_ch, stride_nb, stride_nt, stride_nh, stride_te, stride_th,
     PAGE: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr, FIELDS: tl.constexpr, MAIN_BITS: tl.constexpr,
     KCHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_MODE: tl.constexpr, ROTATED: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
 ):
     """Grid: (tokens, KV heads). ``rot_ptr``: the codec's float32 rotation
     ``R`` (rotated ``y = R x``); ``codes_ptr``/``norms_ptr``: the page tensors
     with strides (block, slot in block, head). ``ROTATED``: the rows are
-    already ``R (x - offset)`` in float32 (large writes, see ``launch``)."""
+    already ``R (x - offset)`` in float32 (large writes, see ``launch``).
+    ``HAS_TAIL``: also store ``R (x - offset)`` unquantized at entry
+    ``tail_index[token]`` of the exact tail (``tail_ptr`` its rows flattened:
+    ``[slots * entries, heads, dim]``)."""
     FW: tl.constexpr = DIM // FIELDS
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -65,6 +70,9 @@ def quantize_write_kernel(
             r = tl.load(rot_ptr + coord[:, :, None] * stride_rj + (k0 + offs_k)[None, None, :] * stride_rk)
             y += tl.sum(r * x[None, None, :], axis=2)
         norm = tl.sqrt(tl.sum(sq, axis=0))
+    if HAS_TAIL:
+        entry = tl.load(tail_index_ptr + token)
+        tl.store(tail_ptr + entry * stride_te + head * stride_th + coord, y.to(tail_ptr.dtype.element_ty))
     y = y * (tl.sqrt(DIM * 1.0) / tl.maximum(norm, 1e-30))
 
     # Cell = number of thresholds below y (torch.bucketize); code = code_of_cell[cell].
@@ -105,9 +113,11 @@ def quantize_write_kernel(
 PREROTATE_MIN_WORK = 4 * 2**20
 
 
-def launch(codec, x, offset, codes, norms, slots, block_size: int) -> None:
+def launch(codec, x, offset, codes, norms, slots, block_size: int, tail=None, tail_index=None) -> None:
     """Quantize ``x [tokens, heads, dim]`` with ``codec`` into ``codes``/``norms``
-    (the pages' permuted views) at ``slots``; ``offset [heads, dim]`` or None."""
+    (the pages' permuted views) at ``slots``; ``offset [heads, dim]`` or None.
+    ``tail [slots, entries, heads, dim]`` and ``tail_index [tokens]``: the
+    exact tail's plane and where each row goes in it (``ExactTail.write_index``)."""
     table, thresholds, code_of_cell, rot = codec._on(x.device)
     tokens, heads, dim = x.shape
     rotated = tokens * heads * dim * dim > PREROTATE_MIN_WORK
@@ -117,12 +127,15 @@ def launch(codec, x, offset, codes, norms, slots, block_size: int) -> None:
         offset = None
     elif x.stride(2) != 1:
         x = x.contiguous()
+    tail_rows = tail.flatten(0, 1) if tail is not None else norms  # never read without HAS_TAIL
     quantize_write_kernel[(tokens, heads)](
         x, offset if offset is not None else x, rot, thresholds, code_of_cell, table, slots, codes, norms,
+        tail_rows, tail_index if tail_index is not None else slots,
         x.stride(0), x.stride(1), rot.stride(0), rot.stride(1),
         codes.stride(0), codes.stride(1), codes.stride(2), norms.stride(0), norms.stride(1), norms.stride(2),
+        tail_rows.stride(0), tail_rows.stride(1),
         PAGE=block_size, DIM=dim, BITS=codec.bits, FIELDS=num_fields(codec.bits), MAIN_BITS=main_bits(codec.bits),
         KCHUNK=min(16, dim), HAS_OFFSET=offset is not None, NORM_MODE=NORM_MODE_IDS[codec.norm_mode],
-        ROTATED=rotated,
+        ROTATED=rotated, HAS_TAIL=tail is not None,
         num_warps=4,
     )
