@@ -29,6 +29,7 @@ registers them itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from kernelplane import AttentionMetadata, AttentionRequest, KVQuantRequest, select
+from kernelplane.exact_tail import ExactTail
 from kernelplane.kv_cache import allocate_plain_pages
 from kernelplane.reference.attention import ReferenceAttention
 from kernelplane.registry import get_registry
@@ -275,8 +277,17 @@ def time_tq(fmt, batch, ctx, device, gen, configs):
     query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
     out = {}
     for i, cfg in enumerate(configs):
-        plans = [backend.plan(m, **cfg) for m in metas]
-        fns = [lambda m=m, p=p: backend.forward(query, pages, m, plan=p) for m, p in zip(metas, plans)]
+        cfg = dict(cfg)
+        tail = cfg.pop("exact_tail", 0)
+        run_metas, pages.exact_tail = metas, None
+        if tail:  # every sequence in its own slot, the tail read beside the codes
+            pages.exact_tail = ExactTail.allocate(tail, batch, HKV, D, D, torch.bfloat16, device)
+            pages.exact_tail.key.normal_()
+            pages.exact_tail.value.normal_()
+            slots = torch.arange(batch, dtype=torch.int32, device=device)
+            run_metas = [dataclasses.replace(m, seq_slots=slots) for m in metas]
+        plans = [backend.plan(m, **cfg) for m in run_metas]
+        fns = [lambda m=m, p=p: backend.forward(query, pages, m, plan=p) for m, p in zip(run_metas, plans)]
         try:
             out[i] = (time_graph(fns), plans[0].splits)
         except Exception as exc:  # a config that does not fit this GPU
@@ -408,6 +419,9 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true", help="time the backend's default plan only (what the engine runs)")
     ap.add_argument("--rotated-query", action="store_true",
                     help="with --no-sweep: the default plan with the queries rotated before the kernel")
+    ap.add_argument("--exact-tail", type=int, default=0, metavar="N",
+                    help="with --no-sweep: every sequence also reads its first and latest N tokens from an exact "
+                         "tail (what the engine does, N=64)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick or device == "cpu"
@@ -434,7 +448,9 @@ def main(argv=None):
     if args.no_sweep:
         from kernelplane_quant_turboquant.quantizer import FORMAT_BITS
 
-        results["best"] = {fmt: dict(bits=FORMAT_BITS[fmt], rotated_query=args.rotated_query) for fmt in FORMATS}
+        results["best"] = {fmt: dict(bits=FORMAT_BITS[fmt], rotated_query=args.rotated_query,
+                                     **({"exact_tail": args.exact_tail} if args.exact_tail else {}))
+                           for fmt in FORMATS}
         results["sweep"] = []
     else:
         results["best"], results["sweep"] = sweep(device, gen, quick, lookups)

@@ -376,7 +376,7 @@ def turboquant_attention_kernel(
         entries = tl.where((split == tl.num_programs(2) // num_kv_heads - 1) & (q_tile_start < q_len),
                            tail_capacity + 1, 0)
         exact_scale = q_norm * tail_score_scale  # tail rows hold coordinates, not unit-vector centroids
-        for e0 in range(0, entries, BLOCK_N):
+        for e0 in tl.range(0, entries, BLOCK_N, num_stages=1):  # not pipelined: no shared-memory buffers
             entry = e0 + offs_n
             back = ((seq_len - entry) % tail_capacity + tail_capacity) % tail_capacity
             pos = tl.where(entry == 0, 0, seq_len - 1 - back)
