@@ -45,12 +45,12 @@ POINTERS = dict(q_ptr="*bf16", part_ptr="*fp32", lse_ptr="*fp32", kn_ptr="*fp16"
 SCALARS = dict(num_kv_heads="i32", score_scale="fp32", value_scale="fp32", window="i32", tokens_per_split="i32",
                stride_qt="i32", stride_qh="i32", stride_pt="i32", stride_ph="i32", stride_ps="i32",
                stride_lt="i32", stride_lh="i32", stride_bt="i32", tail_window="i32", tail_capacity="i32",
-               tail_score_scale="fp32", stride_tks="i32", stride_tke="i32", stride_tkh="i32", stride_tvs="i32",
+               tail_score_scale="fp32", tail_split="i32", stride_tks="i32", stride_tke="i32", stride_tkh="i32", stride_tvs="i32",
                stride_tve="i32", stride_tvh="i32")
 
 
 def compile_case(bits: int, lookup: int, block_n: int, stages: int, rotated_query: bool = False,
-                 exact_tail: bool = False):
+                 tail: int = 0):
     fn = kernels.turboquant_attention_kernel
     row = D * bits // 8 if lookup == 3 else D * bits // 32  # bytes, or int32 words
     code_ptr = "*u8" if lookup == 3 else "*i32"
@@ -63,7 +63,7 @@ def compile_case(bits: int, lookup: int, block_n: int, stages: int, rotated_quer
         stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE,
         GROUP=GROUP, BLOCK_M=16, BLOCK_Q=1, BLOCK_N=block_n, PAGE=PAGE, HEAD_DIM=D, HEAD_DIM_V=D, ROT_CHUNK=32,
         BITS=bits, FIELDS=4 if bits < 4 else 2, LOOKUP=lookup, K_ASM=asm, V_ASM=asm, CAUSAL=True, HAS_WINDOW=False,
-        COMPUTE_DTYPE=tl.float16, PRECISION="ieee", UPCAST=False, ROTATED_QUERY=rotated_query, HAS_TAIL=exact_tail)
+        COMPUTE_DTYPE=tl.float16, PRECISION="ieee", UPCAST=False, ROTATED_QUERY=rotated_query, TAIL=tail)
     signature = dict(POINTERS, kc_ptr=code_ptr, vc_ptr=code_ptr, **SCALARS)
     if rotated_query:
         signature["q_ptr"] = "*fp32"
@@ -102,9 +102,10 @@ def check() -> int:
     for bits, lookup, block_n, stages in ((2, 3, 128, 3), (3, 2, 64, 2)):
         compile_case(bits, lookup, block_n, stages, rotated_query=True)
         print(f"decode kernel, {bits} bits, lookup {lookup}, query rotated before: compiled", flush=True)
-    for bits, lookup, block_n, stages in ((2, 3, 128, 3), (3, 2, 64, 2), (4, 1, 64, 2)):
-        compile_case(bits, lookup, block_n, stages, exact_tail=True)
-        print(f"decode kernel, {bits} bits, lookup {lookup}, with the exact tail: compiled", flush=True)
+    for bits, lookup, block_n, stages, tail in ((2, 3, 128, 3, 1), (3, 2, 64, 2, 2), (4, 1, 64, 2, 2)):
+        compile_case(bits, lookup, block_n, stages, tail=tail)
+        what = "the codes around the exact tail" if tail == 1 else "the exact tail alone"
+        print(f"decode kernel, {bits} bits, lookup {lookup}, {what}: compiled", flush=True)
     for bits, dim, norm_mode, rotated in ((2, 64, 0, False), (3, 128, 2, False), (4, 256, 1, False), (3, 128, 2, True)):
         compile_write_case(bits, dim, norm_mode, rotated)
         print(f"write kernel, {bits} bits, dim {dim}{', rows rotated before' if rotated else ''}: compiled", flush=True)

@@ -165,48 +165,54 @@ class TurboQuantAttention:
             kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
             k_table, v_table = ops["k_table"], ops["v_table"]
         kn, vn = t["key_norm"], t["value_norm"]
-        partial = torch.empty(num_tokens, req.num_heads, plan.splits, req.v_dim, dtype=torch.float32, device=query.device)
-        lse = torch.empty(num_tokens, req.num_heads, plan.splits, dtype=torch.float32, device=query.device)
+        has_tail = exact_tail_in_use(pages, meta)
+        splits = plan.splits + (1 if has_tail else 0)  # the tail's partial sits after the codes' splits
+        partial = torch.empty(num_tokens, req.num_heads, splits, req.v_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(num_tokens, req.num_heads, splits, dtype=torch.float32, device=query.device)
         rot_chunk = min(32, req.head_dim, req.v_dim)
-        max_q = max(1, meta.max_query_len)
-        grid = (meta.num_seqs, math.ceil(max_q / plan.block_q), req.num_kv_heads * plan.splits)
+        q_tiles = math.ceil(max(1, meta.max_query_len) / plan.block_q)
         q_in = torch.matmul(query.float(), ops["q_rot"]) if plan.rotated_query else query
         score_scale = req.softmax_scale * _LOG2E / math.sqrt(req.head_dim)
-        has_tail = exact_tail_in_use(pages, meta)
         if has_tail:
             tail = pages.exact_tail
             tk, tv, slots, window, capacity = tail.key, tail.value, meta.seq_slots, tail.window, tail.capacity
-        else:  # never read: HAS_TAIL=False compiles the tail loop away
+        else:  # never read: TAIL=0 compiles the tail away
             tk, tv, slots, window, capacity = kn[:1, :1, :1, None], vn[:1, :1, :1, None], meta.seq_lens, 0, 1
-        kernels.turboquant_attention_kernel[grid](
-            q_in, partial, lse,
-            kc, kn, vc, vn, k_table, v_table, ops["q_hi"], ops["q_lo"],
-            meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            tk, tv, slots, window, capacity, score_scale * math.sqrt(req.head_dim),
-            tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
-            req.num_kv_heads, score_scale, 1.0 / math.sqrt(req.v_dim),
-            req.sliding_window or 0, plan.tokens_per_split,
-            q_in.stride(0), q_in.stride(1),
-            partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1),
-            meta.block_tables.stride(0),
-            kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-            GROUP=self.group, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n,
-            PAGE=pages.block_size, HEAD_DIM=req.head_dim, HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk,
-            BITS=ops["bits"], FIELDS=num_fields(ops["bits"]), LOOKUP=plan.lookup,
-            K_ASM=ops["k_asm"] if plan.lookup == 2 else "", V_ASM=ops["v_asm"] if plan.lookup == 2 else "",
-            CAUSAL=req.causal, HAS_WINDOW=req.sliding_window is not None,
-            COMPUTE_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
-            PRECISION="ieee", UPCAST=_INTERPRETED, ROTATED_QUERY=plan.rotated_query, HAS_TAIL=has_tail,
-            num_warps=plan.num_warps, num_stages=plan.num_stages,
-        )
+
+        def launch(grid, tail_mode: int) -> None:
+            kernels.turboquant_attention_kernel[grid](
+                q_in, partial, lse,
+                kc, kn, vc, vn, k_table, v_table, ops["q_hi"], ops["q_lo"],
+                meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                tk, tv, slots, window, capacity, score_scale * math.sqrt(req.head_dim), plan.splits,
+                tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
+                req.num_kv_heads, score_scale, 1.0 / math.sqrt(req.v_dim),
+                req.sliding_window or 0, plan.tokens_per_split,
+                q_in.stride(0), q_in.stride(1),
+                partial.stride(0), partial.stride(1), partial.stride(2),
+                lse.stride(0), lse.stride(1),
+                meta.block_tables.stride(0),
+                kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
+                vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+                GROUP=self.group, BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n,
+                PAGE=pages.block_size, HEAD_DIM=req.head_dim, HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk,
+                BITS=ops["bits"], FIELDS=num_fields(ops["bits"]), LOOKUP=plan.lookup,
+                K_ASM=ops["k_asm"] if plan.lookup == 2 else "", V_ASM=ops["v_asm"] if plan.lookup == 2 else "",
+                CAUSAL=req.causal, HAS_WINDOW=req.sliding_window is not None,
+                COMPUTE_DTYPE=tl.float32 if query.dtype == torch.float32 else tl.float16,
+                PRECISION="ieee", UPCAST=_INTERPRETED, ROTATED_QUERY=plan.rotated_query, TAIL=tail_mode,
+                num_warps=plan.num_warps, num_stages=plan.num_stages,
+            )
+
+        launch((meta.num_seqs, q_tiles, req.num_kv_heads * plan.splits), 1 if has_tail else 0)
+        if has_tail:
+            launch((meta.num_seqs, q_tiles, req.num_kv_heads), 2)
         kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](
-            partial, lse, out, ops["o_hi"], ops["o_lo"], plan.splits,
+            partial, lse, out, ops["o_hi"], ops["o_lo"], splits,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            GROUP=self.group, BLOCK_H=max(16, next_pow2(self.group)), BLOCK_S=max(2, next_pow2(plan.splits)),
+            GROUP=self.group, BLOCK_H=max(16, next_pow2(self.group)), BLOCK_S=max(2, next_pow2(splits)),
             HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk, UPCAST=_INTERPRETED,
             num_warps=4,
         )

@@ -208,7 +208,7 @@ def turboquant_attention_kernel(
     q_ptr, part_ptr, lse_ptr,
     kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_table_ptr, v_table_ptr, qrot_hi_ptr, qrot_lo_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    tail_k_ptr, tail_v_ptr, seq_slots_ptr, tail_window, tail_capacity, tail_score_scale,
+    tail_k_ptr, tail_v_ptr, seq_slots_ptr, tail_window, tail_capacity, tail_score_scale, tail_split,
     stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh,
     num_kv_heads, score_scale, value_scale, window, tokens_per_split,
     stride_qt, stride_qh,
@@ -224,7 +224,7 @@ def turboquant_attention_kernel(
     BITS: tl.constexpr, FIELDS: tl.constexpr, LOOKUP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROTATED_QUERY: tl.constexpr,
-    HAS_TAIL: tl.constexpr,
+    TAIL: tl.constexpr,
 ):
     """Grid: (sequences, query tiles of ``BLOCK_Q`` tokens, KV heads x splits).
 
@@ -240,16 +240,21 @@ def turboquant_attention_kernel(
     log-sum-exp. ``ROTATED_QUERY``: ``q_ptr`` holds ``R q`` in float32
     already (one product for the whole batch instead of one per program).
 
-    ``HAS_TAIL``: the sequence's position 0 and its latest ``tail_window``
-    positions come from the exact tail (``kernelplane.exact_tail``; rows
-    ``[slot, entry, head, dim]`` already centred and rotated like the codes),
-    read by the last split; the codes cover only the positions between."""
+    ``TAIL`` (``kernelplane.exact_tail``): a sequence's position 0 and its
+    latest ``tail_window`` positions are read from the exact tail (rows
+    ``[slot, entry, head, dim]``, already centred and rotated like the
+    codes). 1: this launch reads the codes of the positions in between;
+    2: it reads the tail alone (grid z = KV heads) and writes it as split
+    ``tail_split``. Two launches of one source, so the tail's code never
+    costs the main loop registers."""
     FW: tl.constexpr = HEAD_DIM // FIELDS  # dims per field
     FWV: tl.constexpr = HEAD_DIM_V // FIELDS
     seq = tl.program_id(0)
     q_tile_start = tl.program_id(1) * BLOCK_Q
     kv_head = tl.program_id(2) % num_kv_heads
     split = tl.program_id(2) // num_kv_heads
+    if TAIL == 2:
+        split = tail_split
 
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
@@ -300,7 +305,7 @@ def turboquant_attention_kernel(
         kv_lo = tl.maximum(first_pos - window + 1, 0)
     kv_lo = tl.maximum(kv_lo, split * tokens_per_split)
     kv_hi = tl.minimum(kv_hi, (split + 1) * tokens_per_split)
-    if HAS_TAIL:
+    if TAIL != 0:
         exact_from = tl.maximum(seq_len - tail_window, 1)
         kv_lo = tl.maximum(kv_lo, 1)
         kv_hi = tl.minimum(kv_hi, exact_from)
@@ -326,57 +331,56 @@ def turboquant_attention_kernel(
         acc3 = tl.zeros([BLOCK_M, FWV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
-        tok = start + offs_n
-        in_range = (tok >= kv_lo) & (tok < kv_hi)
-        block = tl.load(table_ptr + tok // PAGE, mask=in_range, other=0).to(tl.int64)
-        slot = tok % PAGE
+    if TAIL != 2:  # the tail-only launch reads no codes
+        for start in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
+            tok = start + offs_n
+            in_range = (tok >= kv_lo) & (tok < kv_hi)
+            block = tl.load(table_ptr + tok // PAGE, mask=in_range, other=0).to(tl.int64)
+            slot = tok % PAGE
 
-        k_main, k_extra = _load_words(kc_head + block * stride_kcb + slot * stride_kct, in_range, BITS, FW // 4, LOOKUP)
-        k_norm = tl.load(kn_head + block * stride_knb + slot * stride_knt, mask=in_range, other=0.0).to(tl.float32)
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        s = _dot(q0, tl.trans(_field(k_main, k_extra, k_table_ptr, 0, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
-                                     kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
-        s = _dot(q1, tl.trans(_field(k_main, k_extra, k_table_ptr, 1, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
-                                     kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
-        if FIELDS == 4:
-            s = _dot(q2, tl.trans(_field(k_main, k_extra, k_table_ptr, 2, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+            k_main, k_extra = _load_words(kc_head + block * stride_kcb + slot * stride_kct, in_range, BITS, FW // 4, LOOKUP)
+            k_norm = tl.load(kn_head + block * stride_knb + slot * stride_knt, mask=in_range, other=0.0).to(tl.float32)
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            s = _dot(q0, tl.trans(_field(k_main, k_extra, k_table_ptr, 0, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
                                          kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
-            s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+            s = _dot(q1, tl.trans(_field(k_main, k_extra, k_table_ptr, 1, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
                                          kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
-        s = s * row_scale[:, None] * k_norm[None, :]
-        visible = in_range[None, :] & row_valid[:, None]
-        if CAUSAL:
-            visible = visible & (tok[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & (tok[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
+            if FIELDS == 4:
+                s = _dot(q2, tl.trans(_field(k_main, k_extra, k_table_ptr, 2, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+                                             kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
+                s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
+                                             kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
+            s = s * row_scale[:, None] * k_norm[None, :]
+            visible = in_range[None, :] & row_valid[:, None]
+            if CAUSAL:
+                visible = visible & (tok[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (tok[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+            p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
 
-        v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4, LOOKUP)
-        v_norm = tl.load(vn_head + block * stride_vnb + slot * stride_vnt, mask=in_range, other=0.0).to(tl.float32)
-        p = (p * (v_norm * value_scale)[None, :]).to(COMPUTE_DTYPE)
-        acc0 = _dot(p, _field(v_main, v_extra, v_table_ptr, 0, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
-                    acc0 * alpha[:, None], PRECISION, UPCAST)
-        acc1 = _dot(p, _field(v_main, v_extra, v_table_ptr, 1, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
-                    acc1 * alpha[:, None], PRECISION, UPCAST)
-        if FIELDS == 4:
-            acc2 = _dot(p, _field(v_main, v_extra, v_table_ptr, 2, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
-                        acc2 * alpha[:, None], PRECISION, UPCAST)
-            acc3 = _dot(p, _field(v_main, v_extra, v_table_ptr, 3, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
-                        acc3 * alpha[:, None], PRECISION, UPCAST)
-        m_i = m_new
+            v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4, LOOKUP)
+            v_norm = tl.load(vn_head + block * stride_vnb + slot * stride_vnt, mask=in_range, other=0.0).to(tl.float32)
+            p = (p * (v_norm * value_scale)[None, :]).to(COMPUTE_DTYPE)
+            acc0 = _dot(p, _field(v_main, v_extra, v_table_ptr, 0, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
+                        acc0 * alpha[:, None], PRECISION, UPCAST)
+            acc1 = _dot(p, _field(v_main, v_extra, v_table_ptr, 1, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
+                        acc1 * alpha[:, None], PRECISION, UPCAST)
+            if FIELDS == 4:
+                acc2 = _dot(p, _field(v_main, v_extra, v_table_ptr, 2, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
+                            acc2 * alpha[:, None], PRECISION, UPCAST)
+                acc3 = _dot(p, _field(v_main, v_extra, v_table_ptr, 3, BITS, LOOKUP, V_ASM, COMPUTE_DTYPE, vc0, vc1, vc2, vc3),
+                            acc3 * alpha[:, None], PRECISION, UPCAST)
+            m_i = m_new
 
-    if HAS_TAIL:
-        # The exact tail, in the last split: entry 0 holds position 0, entry
-        # 1 + p % capacity position p (exact_tail.py has the definition).
+    if TAIL == 2:
+        # Entry 0 holds position 0, entry 1 + p % capacity position p (exact_tail.py has the definition).
         slot = tl.load(seq_slots_ptr + seq).to(tl.int64)
         tk_head = tail_k_ptr + slot * stride_tks + kv_head.to(tl.int64) * stride_tkh
         tv_head = tail_v_ptr + slot * stride_tvs + kv_head.to(tl.int64) * stride_tvh
-        entries = tl.where((split == tl.num_programs(2) // num_kv_heads - 1) & (q_tile_start < q_len),
-                           tail_capacity + 1, 0)
+        entries = tl.where(q_tile_start < q_len, tail_capacity + 1, 0)
         exact_scale = q_norm * tail_score_scale  # tail rows hold coordinates, not unit-vector centroids
-        for e0 in tl.range(0, entries, BLOCK_N, num_stages=1):  # not pipelined: no shared-memory buffers
+        for e0 in tl.range(0, entries, BLOCK_N, num_stages=1):  # few rows: no pipelining buffers
             entry = e0 + offs_n
             back = ((seq_len - entry) % tail_capacity + tail_capacity) % tail_capacity
             pos = tl.where(entry == 0, 0, seq_len - 1 - back)
