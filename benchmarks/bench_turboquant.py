@@ -422,6 +422,8 @@ def main(argv=None):
     ap.add_argument("--exact-tail", type=int, default=0, metavar="N",
                     help="with --no-sweep: every sequence also reads its first and latest N tokens from an exact "
                          "tail (what the engine does, N=64)")
+    ap.add_argument("--separate-tail", action="store_true",
+                    help="with --exact-tail: the tail read by a second launch (LaunchPlan.separate_tail)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick or device == "cpu"
@@ -449,7 +451,8 @@ def main(argv=None):
         from kernelplane_quant_turboquant.quantizer import FORMAT_BITS
 
         results["best"] = {fmt: dict(bits=FORMAT_BITS[fmt], rotated_query=args.rotated_query,
-                                     **({"exact_tail": args.exact_tail} if args.exact_tail else {}))
+                                     **({"exact_tail": args.exact_tail} if args.exact_tail else {}),
+                                     **({"separate_tail": True} if args.separate_tail else {}))
                            for fmt in FORMATS}
         results["sweep"] = []
     else:

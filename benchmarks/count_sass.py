@@ -102,9 +102,10 @@ def check() -> int:
     for bits, lookup, block_n, stages in ((2, 3, 128, 3), (3, 2, 64, 2)):
         compile_case(bits, lookup, block_n, stages, rotated_query=True)
         print(f"decode kernel, {bits} bits, lookup {lookup}, query rotated before: compiled", flush=True)
-    for bits, lookup, block_n, stages, tail in ((2, 3, 128, 3, 1), (3, 2, 64, 2, 2), (4, 1, 64, 2, 2)):
+    for bits, lookup, block_n, stages, tail in ((2, 3, 128, 3, 3), (3, 2, 64, 2, 3), (4, 1, 64, 2, 1),
+                                                (4, 1, 64, 2, 2)):
         compile_case(bits, lookup, block_n, stages, tail=tail)
-        what = "the codes around the exact tail" if tail == 1 else "the exact tail alone"
+        what = {1: "the codes around the exact tail", 2: "the exact tail alone", 3: "codes and exact tail"}[tail]
         print(f"decode kernel, {bits} bits, lookup {lookup}, {what}: compiled", flush=True)
     for bits, dim, norm_mode, rotated in ((2, 64, 0, False), (3, 128, 2, False), (4, 256, 1, False), (3, 128, 2, True)):
         compile_write_case(bits, dim, norm_mode, rotated)

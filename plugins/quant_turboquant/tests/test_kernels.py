@@ -163,6 +163,11 @@ def test_exact_tail_read_beside_the_codes(fmt, lookup, dtype):
              tail_window=20)
 
 
+def test_exact_tail_read_by_a_second_launch():
+    run_case("turboquant4", 9, 3, 64, (1, 3, 1), (150, 40, 5), dtype=torch.float16, splits=3, block_n=32,
+             tail_window=20, separate_tail=True)
+
+
 def test_exact_tail_in_prefill_tiles_with_a_window():
     run_case("turboquant4", 8, 2, 64, (40, 7), (55, 7), dtype=torch.float16, block_n=16, window=30, tail_window=12)
     run_case("turboquant3", 4, 1, 128, (1,), (70,), dtype=torch.bfloat16, block_n=64, tail_window=64)

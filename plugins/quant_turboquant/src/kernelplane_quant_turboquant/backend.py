@@ -46,6 +46,9 @@ class LaunchPlan:
     num_stages: int = 2
     lookup: int = 1  # kernels._field: 0 table gather, 1 select tree, 2 PTX prmt lookups (NVIDIA), 3 cubic (2 bits)
     rotated_query: bool = False  # rotate the queries in one product before the kernel, not in every program
+    # The exact tail read by a second launch instead of the last split (measured: +13 µs at batch 1,
+    # against +3; at 4 bits, 128k tokens, batch 16: +5 % against +10 %; BENCHMARKS.md).
+    separate_tail: bool = False
 
 
 def next_pow2(n: int) -> int:
@@ -74,7 +77,7 @@ class TurboQuantAttention:
     def plan(self, meta: AttentionMetadata, block_n: Optional[int] = None, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
              num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
-             bits: Optional[int] = None, rotated_query: bool = False) -> LaunchPlan:
+             bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
         ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder)."""
         max_q = max(1, meta.max_query_len)
@@ -114,7 +117,8 @@ class TurboQuantAttention:
             num_warps = 4 if block_m <= 64 else 8
         per_split = math.ceil(math.ceil(max_kv / max(splits, 1)) / block_n) * block_n if splits > 1 else whole
         splits = max(1, math.ceil(max_kv / per_split))
-        return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup, rotated_query)
+        return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup, rotated_query,
+                          separate_tail)
 
     # ---- per-quantizer operands -------------------------------------------
     def _tensors_for(self, quantizer: TurboQuantKVQuantizer, device: torch.device) -> dict:
@@ -166,7 +170,8 @@ class TurboQuantAttention:
             k_table, v_table = ops["k_table"], ops["v_table"]
         kn, vn = t["key_norm"], t["value_norm"]
         has_tail = exact_tail_in_use(pages, meta)
-        splits = plan.splits + (1 if has_tail else 0)  # the tail's partial sits after the codes' splits
+        separate_tail = has_tail and plan.separate_tail
+        splits = plan.splits + (1 if separate_tail else 0)  # a second launch's tail partial follows the codes' splits
         partial = torch.empty(num_tokens, req.num_heads, splits, req.v_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(num_tokens, req.num_heads, splits, dtype=torch.float32, device=query.device)
         rot_chunk = min(32, req.head_dim, req.v_dim)
@@ -204,8 +209,8 @@ class TurboQuantAttention:
                 num_warps=plan.num_warps, num_stages=plan.num_stages,
             )
 
-        launch((meta.num_seqs, q_tiles, req.num_kv_heads * plan.splits), 1 if has_tail else 0)
-        if has_tail:
+        launch((meta.num_seqs, q_tiles, req.num_kv_heads * plan.splits), (1 if separate_tail else 3) if has_tail else 0)
+        if separate_tail:
             launch((meta.num_seqs, q_tiles, req.num_kv_heads), 2)
         kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](
             partial, lse, out, ops["o_hi"], ops["o_lo"], splits,

@@ -245,8 +245,8 @@ def turboquant_attention_kernel(
     ``[slot, entry, head, dim]``, already centred and rotated like the
     codes). 1: this launch reads the codes of the positions in between;
     2: it reads the tail alone (grid z = KV heads) and writes it as split
-    ``tail_split``. Two launches of one source, so the tail's code never
-    costs the main loop registers."""
+    ``tail_split`` (so 1 then 2: two launches of one source); 3: both, the
+    last split reading the tail after its codes (one launch)."""
     FW: tl.constexpr = HEAD_DIM // FIELDS  # dims per field
     FWV: tl.constexpr = HEAD_DIM_V // FIELDS
     seq = tl.program_id(0)
@@ -373,12 +373,15 @@ def turboquant_attention_kernel(
                             acc3 * alpha[:, None], PRECISION, UPCAST)
             m_i = m_new
 
-    if TAIL == 2:
+    if TAIL >= 2:
         # Entry 0 holds position 0, entry 1 + p % capacity position p (exact_tail.py has the definition).
         slot = tl.load(seq_slots_ptr + seq).to(tl.int64)
         tk_head = tail_k_ptr + slot * stride_tks + kv_head.to(tl.int64) * stride_tkh
         tv_head = tail_v_ptr + slot * stride_tvs + kv_head.to(tl.int64) * stride_tvh
-        entries = tl.where(q_tile_start < q_len, tail_capacity + 1, 0)
+        reads_tail = q_tile_start < q_len
+        if TAIL == 3:
+            reads_tail = reads_tail & (split == tl.num_programs(2) // num_kv_heads - 1)
+        entries = tl.where(reads_tail, tail_capacity + 1, 0)
         exact_scale = q_norm * tail_score_scale  # tail rows hold coordinates, not unit-vector centroids
         for e0 in tl.range(0, entries, BLOCK_N, num_stages=1):  # few rows: no pipelining buffers
             entry = e0 + offs_n
