@@ -15,6 +15,9 @@ round-to-nearest int8 (absmax per token and head); and round-to-nearest at
 4/3/2 bits (``rtn4`` ...: asymmetric min-max per token and head, float16
 scale and offset, implemented here as the same-bits baseline).
 
+Quantized caches are primed as the engine primes them (one prefill of its
+fixed start-up text), so TurboQuant's key offset comes from that text.
+
 ``--exact-tail N``: the quantized caches also keep each sequence's first and
 latest N tokens exact (``kernelplane.exact_tail``, as the engine does by
 default), and each window is fed one token per step, as decoding would: a
@@ -41,6 +44,7 @@ from typing import Optional
 import torch
 
 from kernelplane import AttentionMetadata, AttentionRequest, KVPages, KVQuantRequest
+from kernelplane.engine.engine import KV_PRIMING_TEXT
 from kernelplane.exact_tail import ExactTail
 from kernelplane.kv_cache import allocate_plain_pages
 from kernelplane.models import load_model
@@ -133,6 +137,18 @@ class Runner:
         self.attention = ReferenceAttention(AttentionRequest(
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype="float32",
             kv_cache_format=kv_format if kv_format != "float32" else "auto", block_size=BLOCK))
+        if self.quantizer is not None:
+            self._prime(lm.tokenizer)
+
+    @torch.inference_mode()
+    def _prime(self, tokenizer) -> None:
+        """What the engine does at start-up: one prefill of its fixed text, so a
+        quantizer that learns from its first write (TurboQuant's key offset)
+        learns from the same text here, not from whatever comes first."""
+        ids = tokenizer.encode(KV_PRIMING_TEXT)[: len(self.table) * BLOCK]
+        meta = AttentionMetadata.build([len(ids)], [len(ids)], [self.table[: math.ceil(len(ids) / BLOCK)]], BLOCK)
+        self.model.set_attention_backend(self.attention)
+        self.model(torch.tensor(ids), torch.arange(len(ids)), self.caches, meta)
 
     @torch.inference_mode()
     def step(self, token_ids: list[int], start: int) -> torch.Tensor:

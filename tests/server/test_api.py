@@ -274,6 +274,12 @@ def test_kernels_endpoint_explains_the_choice(tiny_server, start_tiny_server):
     pinned = httpx.get(start_tiny_server(attention_backend="reference").url + "/v1/kernels").json()
     assert pinned["selections"]["attention"]["chosen"] == "reference"
     assert pinned["selections"]["attention"]["override"] == "reference"
+    cache = data["kv_cache"]
+    assert cache["tokens"] == cache["num_blocks"] * cache["block_size"] > 0 and cache["exact_tail_tokens"] == 0
+    # A quantized cache read by a backend that knows the exact tail keeps one (64 tokens unless told otherwise).
+    int8 = httpx.get(start_tiny_server(kv_cache_dtype="int8", attention_backend="reference").url + "/v1/kernels").json()
+    assert int8["kv_cache"]["format"] == "int8" and int8["kv_cache"]["exact_tail_tokens"] == 64
+    assert int8["selections"]["kv_quantizer"]["chosen"]
 
 
 def test_metrics_parse_and_move(tiny_server):

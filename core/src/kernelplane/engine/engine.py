@@ -520,6 +520,12 @@ class LLMEngine:
                 final[rid].logprobs = logprobs[rid]
         return [final[i] for i in ids]
 
+    def kv_cache_summary(self) -> dict:
+        """What /v1/kernels reports about the cache: format, size, exact tail."""
+        return {"format": self.kv_caches[0].format, "num_blocks": self.num_kv_blocks, "block_size": self.block_size,
+                "tokens": self.num_kv_blocks * self.block_size, "bytes": self.kv_cache_bytes,
+                "exact_tail_tokens": self.exact_tail}
+
     def stats(self) -> dict:
         return {"num_running": len(self.running), "num_waiting": len(self.waiting),
                 "kv_blocks_total": self.allocator.num_blocks, "kv_blocks_used": self.allocator.num_used,

@@ -61,7 +61,8 @@ def create_app(engine: AsyncLLMEngine, served_model_name: str = "default", api_k
     @v1.get("/kernels")
     async def kernels():
         return {"hardware": probe_hardware().model_dump(),
-                "selections": {cap: sel.as_dict() for cap, sel in llm.selections.items()}}
+                "selections": {cap: sel.as_dict() for cap, sel in llm.selections.items()},
+                "kv_cache": llm.kv_cache_summary()}
 
     # ---- helpers shared by both endpoints ------------------------------
     def check_model(name: str) -> None:

@@ -196,6 +196,17 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
+def _mask_scores(s, key_pos, key_ok, q_pos, row_valid, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Scores ``s [rows, keys]`` with -inf where a row may not see a key."""
+    visible = key_ok[None, :] & row_valid[:, None]
+    if CAUSAL:
+        visible = visible & (key_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        visible = visible & (key_pos[None, :] > q_pos[:, None] - window)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
 def _tail_cols(head_ptr, entry, held, stride_e, COL0: tl.constexpr, COLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
     """Columns ``[COL0, COL0 + COLS)`` of exact-tail rows ``entry`` (zeros where not ``held``)."""
     cols = COL0 + tl.arange(0, COLS)
@@ -350,13 +361,8 @@ def turboquant_attention_kernel(
                                              kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
                 s = _dot(q3, tl.trans(_field(k_main, k_extra, k_table_ptr, 3, BITS, LOOKUP, K_ASM, COMPUTE_DTYPE,
                                              kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
-            s = s * row_scale[:, None] * k_norm[None, :]
-            visible = in_range[None, :] & row_valid[:, None]
-            if CAUSAL:
-                visible = visible & (tok[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (tok[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
+            s = _mask_scores(s * row_scale[:, None] * k_norm[None, :], tok, in_range, q_pos, row_valid, window,
+                             CAUSAL, HAS_WINDOW)
             p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
 
             v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4, LOOKUP)
@@ -398,13 +404,7 @@ def turboquant_attention_kernel(
                          PRECISION, UPCAST)
                 s = _dot(q3, tl.trans(_tail_cols(tk_head, entry, held, stride_tke, 3 * FW, FW, COMPUTE_DTYPE)), s,
                          PRECISION, UPCAST)
-            s = s * exact_scale[:, None]
-            visible = held[None, :] & row_valid[:, None]
-            if CAUSAL:
-                visible = visible & (pos[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (pos[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
+            s = _mask_scores(s * exact_scale[:, None], pos, held, q_pos, row_valid, window, CAUSAL, HAS_WINDOW)
             p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
             p = p.to(COMPUTE_DTYPE)
             acc0 = _dot(p, _tail_cols(tv_head, entry, held, stride_tve, 0, FWV, COMPUTE_DTYPE), acc0 * alpha[:, None],
