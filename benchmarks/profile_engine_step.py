@@ -3,8 +3,10 @@ agreement checks (triton vs reference attention; graphs vs eager, also for
 TurboQuant caches with their exact tail, and their kernel vs the reference).
 
     python benchmarks/profile_engine_step.py            # prints a table; writes $OUT/profile.txt if OUT is set
+    python benchmarks/profile_engine_step.py --turboquant-only   # only the TurboQuant greedy checks
 """
 import os
+import sys
 import time
 
 import torch
@@ -23,8 +25,9 @@ def p(*a):
 
 prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List three primary colors:"]
 greedy = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-p(f"# {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d')}")
-for dtype in ("float32", "bfloat16"):
+p(f"# {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d %H:%M')}")
+everything = "--turboquant-only" not in sys.argv[1:]
+for dtype in ("float32", "bfloat16") if everything else ():
     lm = load_model("default", device="cuda", dtype=dtype, progress=False)
     outs = {}
     for name, kw in [("reference", dict(attention_backend="reference")), ("triton eager", dict(attention_backend="triton", enforce_eager=True)),
@@ -40,7 +43,7 @@ for dtype in ("float32", "bfloat16"):
 # TurboQuant caches: graph replays must give what eager steps give up to rounding (same offset: both
 # engines prime their cache with the same text; the split of the KV range, hence the order of the sums,
 # depends on the batch a graph was captured for).
-for fmt in ("turboquant2", "turboquant4"):
+for fmt in ("turboquant2", "turboquant4") if everything else ("turboquant2", "turboquant3", "turboquant4"):
     for dtype in ("float32", "bfloat16"):
         lm = load_model("default", device="cuda", dtype=dtype, progress=False)
         outs = {}
@@ -57,6 +60,8 @@ for fmt in ("turboquant2", "turboquant4"):
             p(f"greedy {fmt} {dtype} (exact tail 64): {a} vs {b}: identical sequences {same}/{len(prompts)}, "
               f"equal tokens before the first difference {first_diff} of {greedy.max_tokens}")
 
+if not everything:
+    sys.exit(0)
 lm = load_model("default", device="cuda", dtype="bfloat16", progress=False)
 p("| attention | mode | batch | ms/step | tokens/s |")
 p("|---|---|---|---|---|")

@@ -24,8 +24,8 @@ class _Writer:
 
     def step(self, num_tokens: int, rejected: int = 0) -> None:
         """Write ``num_tokens`` new positions; the last ``rejected`` are drafts that do not stay."""
-        start = self.length
-        end = start + num_tokens
+        start = self.start = self.length
+        end = self.end = start + num_tokens
         meta = AttentionMetadata.build([num_tokens], [end], [[0] * (end // 4 + 1)], 4, seq_slots=[self.slot])
         rows = _tagged(list(range(start, end)))
         self.tail.write(meta, rows, -rows)
@@ -42,13 +42,20 @@ def test_every_read_finds_the_first_and_latest_positions_it_promises(window):
     plan = [(37, 0), (29, 0)] + [(1, 0)] * 7 + [(1 + 16, 16), (1 + 9, 3), (1 + 16, 12)] + [(1, 0)] * 3
     for num_tokens, rejected in plan:
         writer.step(num_tokens, rejected)
-        length = writer.length
-        positions = tail.entry_positions(torch.tensor([length], dtype=torch.int32))[0]
+        # What the step's own queries see, at its full length (drafts included).
+        positions = tail.entry_positions(torch.tensor([writer.end], dtype=torch.int32))[0]
         held = sorted(p for p in positions.tolist() if p >= 0)
-        assert held == [0] + list(range(max(length - window, 1), length))
+        assert held == [0] + list(range(max(writer.end - tail.capacity, 1), writer.end))
+        read = tail.reads_exact(positions.clamp(min=0), torch.arange(writer.start, writer.end), positions >= 0)
         for entry, pos in enumerate(positions.tolist()):
-            if pos >= 0:
+            if read[:, entry].any():  # read by some query: must hold what was written at that position
                 assert torch.all(tail.key[1, entry] == pos) and torch.all(tail.value[1, entry] == -pos)
+        # Every query reads position 0 and its own latest `window` positions exact.
+        for i, q in enumerate(range(writer.start, writer.end)):
+            got = sorted(positions[read[i] & (positions <= q)].tolist())  # causal masking is the backend's
+            assert got == sorted({0} | (set(range(max(q - window + 1, 1), q + 1)) & set(held)))
+            if q - window + 1 >= writer.end - tail.capacity:  # the ring reaches back far enough
+                assert got == sorted({0} | set(range(max(q - window + 1, 1), q + 1)))
     assert torch.all(tail.key[0] == 0) and torch.all(tail.key[2] == 0)  # other slots untouched
 
 
@@ -103,15 +110,19 @@ def test_reference_attention_reads_the_exact_tail_over_quantized_pages():
     # A short tail: the last query (decode-like, it sees the whole tail) is closer to exact than with no tail.
     _, partial = run(window, slotted=True)
     assert (partial[-1] - exact[-1]).abs().max() < (unslotted[-1] - exact[-1]).abs().max()
-    # And what it computes is attention over the pages' dequantized K/V with the tail's positions exact.
+    # And what it computes, query by query: position 0 and the query's own latest `window` keys exact where
+    # the ring still holds them (its last `capacity` positions), the pages' dequantized K/V elsewhere.
     k, v = pages.quantizer.dequantize(pages, torch.arange(8))
-    k, v = k.flatten(0, 1)[:n].clone(), v.flatten(0, 1)[:n].clone()
-    for p in [0] + list(range(n - window, n)):
-        k[p], v[p] = key[p], value[p]
-    patched = allocate_plain_pages(8, 4, HEADS, DIM, DIM, torch.float32, "cpu")
-    write_kv(patched, k, v, exact_meta.slot_mapping)
-    torch.testing.assert_close(partial, ReferenceAttention(request).forward(query, patched, exact_meta),
-                               rtol=1e-5, atol=1e-5)
+    k, v = k.flatten(0, 1)[:n], v.flatten(0, 1)[:n]
+    ring_start = n - pages.exact_tail.capacity
+    for p in range(n):
+        exact = [j == 0 or (j > p - window and j >= ring_start) for j in range(p + 1)]
+        rows = torch.stack([key[j] if e else k[j] for j, e in enumerate(exact)])
+        vals = torch.stack([value[j] if e else v[j] for j, e in enumerate(exact)])
+        q = query[p].view(HEADS, 2, DIM)  # query head 2 h + g reads KV head h
+        weights = torch.softmax(torch.einsum("hgd,jhd->hgj", q, rows) / DIM ** 0.5, dim=-1)
+        expected = torch.einsum("hgj,jhd->hgd", weights, vals).reshape(2 * HEADS, DIM)
+        torch.testing.assert_close(partial[p], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_allocate_names_bad_sizes():

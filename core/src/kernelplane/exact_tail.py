@@ -8,18 +8,23 @@ per token (measured on SmolLM2-135M: 4-bit K+V +4.4 % perplexity all
 quantized, +0.34 % with the first and latest 64 tokens exact; see the
 quant_turboquant plugin's BENCHMARKS.md).
 
-The pages still hold every token quantized; the tail is an overlay. A
-backend that knows the tail reads position 0 and positions
-``[max(seq_len - window, 1), seq_len)`` from it and the rest from the pages;
-one that does not reads the pages alone and is merely less accurate.
+The pages still hold every token quantized; the tail is an overlay. The
+ring holds position 0 and the sequence's latest ``capacity`` positions. A
+query at position ``q`` reads key ``j`` exact when the ring holds ``j`` and
+``j == 0`` or ``j > q - window``: a decoded token reads its own latest
+``window`` tokens exact, and so does every token of a speculative
+verification step (the ring is ``MAX_DRAFT_SLACK`` longer than the window),
+so speculation changes no result; early tokens of a long prefill chunk read
+their older keys from the pages. Everything else comes from the pages. A
+backend that does not know the tail reads the pages alone and is merely
+less accurate.
 
 Layout: per layer, ``key``/``value`` ``[num_slots + 1, entries, heads, dim]``
 where a slot is a running sequence (``AttentionMetadata.seq_slots``; the last
 slot takes the CUDA-graph padding rows' writes). Entry 0 holds position 0;
-position ``p >= 1`` lives in entry ``1 + p % capacity``. The ring is
-``MAX_DRAFT_SLACK`` entries longer than the window, so the writes of rejected
-speculative drafts (positions past the sequence's end) only ever overwrite
-entries older than the window. What the vectors are (raw, centred, rotated)
+position ``p >= 1`` lives in entry ``1 + p % capacity``. The writes of
+rejected speculative drafts (positions past the sequence's end) only ever
+overwrite entries older than any query's window. What the vectors are (raw, centred, rotated)
 is the quantizer's choice: it decodes them for the reference path.
 
 The arithmetic here is the definition; kernels repeat it and are tested
@@ -102,16 +107,16 @@ class ExactTail:
 
     def entry_positions(self, seq_lens: torch.Tensor) -> torch.Tensor:
         """Position held by each entry of each sequence, ``[B, entries]``
-        (int64), or -1 where the entry is not read exact at these lengths."""
+        (int64), or -1 where the entry holds nothing valid at these lengths."""
         cap = self.capacity
         seq_len = seq_lens.long()[:, None]
         entry = torch.arange(cap + 1, device=seq_lens.device)[None, :]
         newest_first = torch.remainder(seq_len - entry, cap)  # steps back from the last position
         pos = torch.where(entry == 0, 0, seq_len - 1 - newest_first)
-        exact = (entry == 0) | (pos >= torch.clamp(seq_len - self.window, min=1))
-        return torch.where(exact & (pos < seq_len), pos, -1)
+        held = (entry == 0) | (pos >= torch.clamp(seq_len - cap, min=1))
+        return torch.where(held & (pos >= 0), pos, -1)
 
-
-def quantized_range_end(seq_len: int, window: int) -> int:
-    """Positions ``[1, end)`` are read from the pages when the tail is in use."""
-    return max(seq_len - window, 1)
+    def reads_exact(self, key_pos: torch.Tensor, query_pos: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """``[..., queries, keys]``: which held keys each query reads from the tail."""
+        near = key_pos[..., None, :] > query_pos[..., :, None] - self.window
+        return held[..., None, :] & ((key_pos[..., None, :] == 0) | near)

@@ -196,3 +196,18 @@ def test_sampled_requests_with_speculation_are_reproducible(spec_engine, tiny_pr
         runs.append([o.token_ids for o in outputs])
     assert runs[0] == runs[1]
     assert engine.counters["draft_tokens"] > 0
+
+
+def test_speculation_reads_the_exact_tail_like_plain_decoding(spec_engine, make_engine, tiny_prompts):
+    """An int8 cache with a 4-token exact tail (a ring of 20 entries that wraps many times). Every token of a
+    verification step reads its own latest 4 tokens exact, as a decode step does, and the writes of rejected
+    drafts past the sequence's end never reach an entry still read: the tokens equal plain decoding's."""
+    greedy = SamplingParams(max_tokens=32, **GREEDY)
+    plain = make_engine(kv_cache_dtype="int8", kv_exact_tail=4)
+    expected = [o.token_ids for o in plain.generate(tiny_prompts, greedy)]
+    for mode in ("random", "oracle"):
+        engine, _ = spec_engine(mode, 4, kv_cache_dtype="int8", kv_exact_tail=4)
+        assert engine.kv_caches[0].exact_tail.capacity == 20
+        outputs = engine.generate(tiny_prompts, greedy)
+        assert [o.token_ids for o in outputs] == expected
+        assert sum(o.metrics["num_draft_tokens"] for o in outputs) > 30

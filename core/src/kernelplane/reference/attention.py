@@ -6,6 +6,8 @@ prefill loop over sequences.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..capabilities import AttentionRequest
@@ -41,22 +43,42 @@ class ReferenceAttention:
         self.scale = request.softmax_scale
         self.group = request.num_heads // request.num_kv_heads
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                exact: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """q [..., Q, Hq, D], k/v [..., K, Hkv, D], mask [..., Q, K] -> [..., Q, Hq, Dv] (float32).
 
         GQA without copying K/V: query head ``j * group + g`` reads KV head
         ``j``, so each KV head attends for ``group * Q`` query rows at once.
+        ``exact``: (k, v, use [..., Q, K]): where ``use``, a query reads that
+        key and value from these instead (an exact tail over quantized pages).
         """
         *lead, nq, hq, d = q.shape
         hkv, g = k.shape[-2], self.group
-        # Slots no query may see (padding, unwritten pages) can hold anything, NaN included: 0 * NaN is NaN.
-        v = v.masked_fill(~mask.any(dim=-2)[..., None, None], 0.0)
         rows = q.float().reshape(*lead, nq, hkv, g, d).movedim(-4, -2).reshape(*lead, hkv, g * nq, d)
-        scores = (rows @ k.float().movedim(-3, -1)) * self.scale  # [..., Hkv, G*Q, K]
-        row_mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], g, nq, mask.shape[-1]).reshape(*mask.shape[:-2], 1, g * nq, -1)
-        scores = scores.masked_fill(~row_mask, float("-inf"))
+
+        def per_row(m: torch.Tensor) -> torch.Tensor:  # [..., Q, K] -> [..., 1, G*Q, K]
+            return m.unsqueeze(-3).expand(*m.shape[:-2], g, nq, m.shape[-1]).reshape(*m.shape[:-2], 1, g * nq, -1)
+
+        def scores_and_values(k, v, seen):
+            # Slots no query may see (padding, unwritten pages) can hold anything, NaN included: 0 * NaN is NaN.
+            v = v.masked_fill(~seen.any(dim=-2)[..., None, None], 0.0)
+            return (rows @ k.float().movedim(-3, -1)) * self.scale, v.float().movedim(-3, -2)  # [..., Hkv, G*Q, K]
+
+        if exact is None:
+            scores, values = scores_and_values(k, v, mask)
+        else:
+            k_exact, v_exact, use = exact
+            use = use & mask
+            scores, values = scores_and_values(k, v, mask & ~use)
+            exact_scores, exact_values = scores_and_values(k_exact, v_exact, use)
+            scores = torch.where(per_row(use), exact_scores, scores)
+        scores = scores.masked_fill(~per_row(mask), float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-        out = probs @ v.float().movedim(-3, -2)  # [..., Hkv, G*Q, Dv]
+        if exact is None:
+            out = probs @ values  # [..., Hkv, G*Q, Dv]
+        else:
+            from_exact = per_row(use).float()
+            out = (probs * (1 - from_exact)) @ values + (probs * from_exact) @ exact_values
         return out.reshape(*lead, hkv, g, nq, -1).movedim(-2, -4).reshape(*lead, nq, hq, -1)
 
     def forward(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> torch.Tensor:
@@ -88,21 +110,24 @@ class ReferenceAttention:
             n_blocks = (seq_len + bs - 1) // bs
             k, v = gather_kv(pages, meta.block_tables[b, :n_blocks].long())
             k, v = k[:seq_len], v[:seq_len]
-            if tail:
-                k, v = _overlay_exact_tail(pages, slots[b], tail_positions[b], k, v)
             k_pos = torch.arange(seq_len, device=query.device)
             q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
             mask = attention_mask(q_pos, k_pos, seq_len, req.causal, req.sliding_window)
-            out[q0:q1] = self._attend(query[q0:q1], k, v, mask).to(query.dtype)
+            exact = _exact_tail_for(pages, slots[b], tail_positions[b], k, v, k_pos, q_pos) if tail else None
+            out[q0:q1] = self._attend(query[q0:q1], k, v, mask, exact).to(query.dtype)
         return out
 
 
-def _overlay_exact_tail(pages: KVPages, slot: int, positions: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k``/``v`` of one sequence with the positions its exact tail holds replaced by the tail's vectors."""
+def _exact_tail_for(pages: KVPages, slot: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_pos: torch.Tensor, q_pos: torch.Tensor):
+    """(k, v, use) for ``_attend``: the sequence's K/V with the positions its
+    exact tail holds replaced by the tail's vectors, and which (query, key)
+    pairs read them (``ExactTail.reads_exact``)."""
     tail_k, tail_v = exact_tail_kv(pages, slot)
-    held = positions >= 0
+    valid = positions >= 0
+    held = torch.zeros(k.shape[0], dtype=torch.bool, device=k.device)
+    held[positions[valid]] = True
     k, v = k.float().clone(), v.float().clone()
-    k[positions[held]] = tail_k[held]
-    v[positions[held]] = tail_v[held]
-    return k, v
+    k[positions[valid]] = tail_k[valid]
+    v[positions[valid]] = tail_v[valid]
+    return k, v, pages.exact_tail.reads_exact(k_pos, q_pos, held)

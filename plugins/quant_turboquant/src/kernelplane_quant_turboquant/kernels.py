@@ -317,9 +317,11 @@ def turboquant_attention_kernel(
     kv_lo = tl.maximum(kv_lo, split * tokens_per_split)
     kv_hi = tl.minimum(kv_hi, (split + 1) * tokens_per_split)
     if TAIL != 0:
-        exact_from = tl.maximum(seq_len - tail_window, 1)
+        # A row reads key j exact when the ring holds it (j == 0 or j >= ring_start) and j == 0 or
+        # j > its position - tail_window; the codes give the rest.
+        ring_start = tl.maximum(seq_len - tail_capacity, 1)
         kv_lo = tl.maximum(kv_lo, 1)
-        kv_hi = tl.minimum(kv_hi, exact_from)
+        kv_hi = tl.minimum(kv_hi, tl.maximum(last_pos - tail_window + 1, ring_start))
     kv_hi = tl.where(q_tile_start < q_len, kv_hi, kv_lo)  # spare query tile: nothing to do
 
     offs_n = tl.arange(0, BLOCK_N)
@@ -363,6 +365,9 @@ def turboquant_attention_kernel(
                                              kc0, kc1, kc2, kc3)), s, PRECISION, UPCAST)
             s = _mask_scores(s * row_scale[:, None] * k_norm[None, :], tok, in_range, q_pos, row_valid, window,
                              CAUSAL, HAS_WINDOW)
+            if TAIL != 0 and BLOCK_Q > 1:  # one query token per tile: kv_hi already ends its codes
+                from_codes = (tok[None, :] <= q_pos[:, None] - tail_window) | (tok[None, :] < ring_start)
+                s = tl.where(from_codes, s, float("-inf"))
             p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
 
             v_main, v_extra = _load_words(vc_head + block * stride_vcb + slot * stride_vct, in_range, BITS, FWV // 4, LOOKUP)
@@ -393,7 +398,7 @@ def turboquant_attention_kernel(
             entry = e0 + offs_n
             back = ((seq_len - entry) % tail_capacity + tail_capacity) % tail_capacity
             pos = tl.where(entry == 0, 0, seq_len - 1 - back)
-            held = (entry < entries) & ((entry == 0) | (pos >= exact_from))
+            held = (entry < entries) & ((entry == 0) | (pos >= ring_start))
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             s = _dot(q0, tl.trans(_tail_cols(tk_head, entry, held, stride_tke, 0, FW, COMPUTE_DTYPE)), s,
                      PRECISION, UPCAST)
@@ -405,6 +410,7 @@ def turboquant_attention_kernel(
                 s = _dot(q3, tl.trans(_tail_cols(tk_head, entry, held, stride_tke, 3 * FW, FW, COMPUTE_DTYPE)), s,
                          PRECISION, UPCAST)
             s = _mask_scores(s * exact_scale[:, None], pos, held, q_pos, row_valid, window, CAUSAL, HAS_WINDOW)
+            s = tl.where((pos[None, :] == 0) | (pos[None, :] > q_pos[:, None] - tail_window), s, float("-inf"))
             p, alpha, m_new, l_i = _softmax_step(s, m_i, l_i)
             p = p.to(COMPUTE_DTYPE)
             acc0 = _dot(p, _tail_cols(tv_head, entry, held, stride_tve, 0, FWV, COMPUTE_DTYPE), acc0 * alpha[:, None],
