@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from kernelplane import AttentionMetadata, AttentionRequest, KVPages, KVQuantRequest
-from kernelplane.engine.engine import KV_PRIMING_TEXT
+from kernelplane.engine.engine import prime_kv_cache
 from kernelplane.exact_tail import ExactTail
 from kernelplane.kv_cache import allocate_plain_pages
 from kernelplane.models import load_model
@@ -137,18 +137,9 @@ class Runner:
         self.attention = ReferenceAttention(AttentionRequest(
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype="float32",
             kv_cache_format=kv_format if kv_format != "float32" else "auto", block_size=BLOCK))
-        if self.quantizer is not None:
-            self._prime(lm.tokenizer)
-
-    @torch.inference_mode()
-    def _prime(self, tokenizer) -> None:
-        """What the engine does at start-up: one prefill of its fixed text, so a
-        quantizer that learns from its first write (TurboQuant's key offset)
-        learns from the same text here, not from whatever comes first."""
-        ids = tokenizer.encode(KV_PRIMING_TEXT)[: len(self.table) * BLOCK]
-        meta = AttentionMetadata.build([len(ids)], [len(ids)], [self.table[: math.ceil(len(ids) / BLOCK)]], BLOCK)
-        self.model.set_attention_backend(self.attention)
-        self.model(torch.tensor(ids), torch.arange(len(ids)), self.caches, meta)
+        if self.quantizer is not None:  # as the engine does at start-up, so the key offset is the engine's
+            self.model.set_attention_backend(self.attention)
+            prime_kv_cache(self.model, lm.tokenizer, self.caches, blocks, BLOCK, "cpu")
 
     @torch.inference_mode()
     def step(self, token_ids: list[int], start: int) -> torch.Tensor:

@@ -4,9 +4,9 @@ token and latest ``window`` tokens kept unquantized.
 Most of a low-bit cache's damage comes from a few keys every query leans on:
 the first token (where attention parks its unused weight) and the newest
 tokens. Keeping those exact costs a fixed amount per running sequence, not
-per token (measured on SmolLM2-135M: 4-bit K+V +4.4 % perplexity all
-quantized, +0.34 % with the first and latest 64 tokens exact; see the
-quant_turboquant plugin's BENCHMARKS.md).
+per token (measured on SmolLM2-135M with TurboQuant 4-bit K+V: +5.41 %
+perplexity all quantized, +0.93 % with the first and latest 64 tokens exact;
+see the quant_turboquant plugin's BENCHMARKS.md).
 
 The pages still hold every token quantized; the tail is an overlay. The
 ring holds position 0 and the sequence's latest ``capacity`` positions. A
@@ -62,18 +62,23 @@ class ExactTail:
             raise ValueError(f"the exact tail window must be at least 1 token, got {window}")
         if num_slots < 1:
             raise ValueError(f"an exact tail needs at least one sequence slot, got {num_slots}")
-        entries = 1 + window + MAX_DRAFT_SLACK
+        entries = cls.entries_for(window)
         # Zeros, not empty: entries no sequence has written yet are masked, but a 0 * NaN would still poison a sum.
         key = torch.zeros(num_slots + 1, entries, num_kv_heads, head_dim, dtype=dtype, device=device)
         value = torch.zeros(num_slots + 1, entries, num_kv_heads, head_dim_v, dtype=dtype, device=device)
         return cls(window, key, value)
 
     @staticmethod
-    def bytes_for(window: int, num_slots: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
+    def entries_for(window: int) -> int:
+        """Rows per slot: position 0, the window, and the drafts' slack."""
+        return 1 + window + MAX_DRAFT_SLACK
+
+    @classmethod
+    def bytes_for(cls, window: int, num_slots: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
                   dtype: torch.dtype) -> int:
         """One layer's tail, for sizing the cache before allocating it."""
         per = torch.empty(0, dtype=dtype).element_size()
-        return (num_slots + 1) * (1 + window + MAX_DRAFT_SLACK) * num_kv_heads * (head_dim + head_dim_v) * per
+        return (num_slots + 1) * cls.entries_for(window) * num_kv_heads * (head_dim + head_dim_v) * per
 
     def write_index(self, meta) -> torch.Tensor:
         """Flat entry (``slot * entries + entry``) for each of the step's tokens,

@@ -35,10 +35,24 @@ from .request import Request
 from .sampler import sample_batch, target_probs_batch, token_logprobs
 
 log = logging.getLogger("kernelplane")
-# Written once into the cache at start-up when the KV cache is quantized (see _prime_quantizer).
+# Written once into the cache at start-up when the KV cache is quantized (see prime_kv_cache).
 KV_PRIMING_TEXT = ("The museum opened its new wing on a rainy Tuesday. Visitors asked about the paintings, the "
                    "price of tickets and where to find lunch; a guide explained that the oldest piece was carved "
                    "around 1200 and had travelled through three countries before arriving here.")
+
+
+
+@torch.inference_mode()
+def prime_kv_cache(model, tokenizer, kv_caches: list[KVPages], num_blocks: int, block_size: int, device) -> None:
+    """One prefill of ``KV_PRIMING_TEXT`` into the cache's first blocks (no
+    request owns them yet): a quantizer that learns from its first write
+    (TurboQuant's key offset) then learns from real text, the same on every
+    start, whatever the first request is."""
+    ids = tokenizer.encode(KV_PRIMING_TEXT)[: num_blocks * block_size]
+    meta = AttentionMetadata.build([len(ids)], [len(ids)], [list(range(math.ceil(len(ids) / block_size)))],
+                                   block_size, device)
+    model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device), kv_caches, meta)
+
 
 CPU_KV_CACHE_BYTES = 2 * 2**30  # cap on an automatically sized CPU cache
 GPU_MEMORY_FRACTION = 0.85  # of the memory free after loading the model
@@ -133,7 +147,8 @@ class LLMEngine:
                            and getattr(self.attention, "reads_exact_tail", False) else 0)
         self.kv_caches = self._allocate_cache(kv_format, quantizer)
         if quantizer is not None:
-            self._prime_quantizer()
+            # Before any CUDA graph is captured, so graph replays find what the quantizer learned in place.
+            prime_kv_cache(self.model, self.tokenizer, self.kv_caches, self.num_kv_blocks, self.block_size, self.device)
         # CUDA graphs by tokens per sequence: 1 (decode), 1 + k (verifying k drafts).
         self.step_graphs: dict[int, StepGraphs] = {}
         usable_blocks = self.num_kv_blocks
@@ -161,17 +176,6 @@ class LLMEngine:
                  f", first and latest {self.exact_tail} tokens exact" if self.exact_tail else "")
 
     # ---- KV cache -------------------------------------------------------
-    @torch.inference_mode()
-    def _prime_quantizer(self) -> None:
-        """One prefill of a fixed English text into blocks no request owns yet,
-        before any CUDA graph is captured: a quantizer that learns from its
-        first write (TurboQuant's key offset) then learns from real text, the
-        same on every start, and graph replays find what it learned in place."""
-        ids = self.tokenizer.encode(KV_PRIMING_TEXT)[: self.num_kv_blocks * self.block_size]
-        blocks = list(range(math.ceil(len(ids) / self.block_size)))
-        meta = AttentionMetadata.build([len(ids)], [len(ids)], [blocks], self.block_size, self.device)
-        self.model(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device), self.kv_caches, meta)
-
     def _allocate_cache(self, kv_format: str, quantizer) -> list[KVPages]:
         mc = self.model_config
         if quantizer is None:

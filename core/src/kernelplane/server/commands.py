@@ -63,7 +63,7 @@ def engine_config_from_args(args):
                   strict=args.strict, enforce_eager=args.enforce_eager)
     if k is not None:
         kwargs["num_speculative_tokens"] = k
-    if getattr(args, "kv_exact_tail", None) is not None:
+    if args.kv_exact_tail is not None:
         kwargs["kv_exact_tail"] = args.kv_exact_tail
     return EngineConfig(**kwargs)
 
