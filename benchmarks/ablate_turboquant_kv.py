@@ -16,6 +16,11 @@ Variants printed (perplexity, change against the float32 cache):
 - with ``--recent``: each query reading its latest 16 / 64 positions exact
   (a page not yet quantized), then also the first token (16 / 32 / 64);
   ``--first-and-latest N``: only that, against all quantized, at 4 / 3 / 2 bits;
+- with ``--offsets N`` (the first and latest N tokens exact): the key offset
+  taken from the window, from the engine's start-up text (its tokens after the
+  first), or from the
+  window's first 128 tokens (a per-sequence offset from its prompt), and a
+  per-channel key scale from the start-up text's queries and keys;
 - with ``--split-channels``: the mixed 2.5-bit layout (half of each head's
   channels at 3 bits, half at 2) against the uniform formats.
 
@@ -75,7 +80,7 @@ class WindowAttention:
 
 @torch.inference_mode()
 def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
-               layers: Optional[set[int]] = None, recent: int = 0) -> float:
+               layers: Optional[set[int]] = None, recent: int = 0, per_layer: bool = False) -> float:
     """``layers``: the layers whose K/V pass through ``transform`` (default: all);
     ``recent``: that many latest positions of each query read exact."""
     model, c = lm.model, lm.config
@@ -88,7 +93,10 @@ def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
                   for _ in range(c.num_layers)]
         for index, layer in enumerate(model.layers):
             wanted = layers is None or index in layers
-            layer.self_attn.backend = WindowAttention(group, transform if wanted else None, recent)
+            t = transform if wanted else None
+            if per_layer and t is not None:  # the transform also takes the layer's index
+                t = (lambda f, i: lambda k, v: f(k, v, i))(transform, index)
+            layer.self_attn.backend = WindowAttention(group, t, recent)
         meta = AttentionMetadata.build([n], [n], [list(range(blocks))], 16)
         logits = model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)
@@ -109,6 +117,10 @@ def main() -> int:
     ap.add_argument("--split-channels", action="store_true",
                     help="instead: 2.5 bits as half the channels at 3 bits and half at 2 (the paper's mixed "
                          "layout), against 2, 3 and keys 3 + values 2")
+    ap.add_argument("--offsets", type=int, metavar="N", default=0,
+                    help="instead: with the first and latest N tokens exact, where the key offset comes from "
+                         "(the window, the engine's start-up text, the window's first 128 tokens) and a "
+                         "per-channel key scale from the start-up text's queries and keys")
     ap.add_argument("--per-layer", type=int, metavar="BITS", default=0,
                     help="instead: each layer alone with K and V at BITS bits, then all layers but the most "
                          "sensitive ones")
@@ -162,6 +174,9 @@ def main() -> int:
             for recent in (16, 32, 64):
                 report(f"K+V {bits} bits, first token and latest {recent} exact",
                        variant(kbits=bits, vbits=bits, sink=1), recent=recent)
+        return 0
+    if args.offsets:
+        offsets(report, codecs, priming_statistics(lm), args.offsets)
         return 0
     if args.per_layer:
         per_layer(report, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer,
@@ -220,6 +235,70 @@ def split_channels(report, variant, dim: int) -> None:
     report("keys 3 + values 2 bits (2.5 on average)", variant(kbits=3, vbits=2))
     report("K+V 2.5 bits: the higher-energy half of each head's channels at 3 bits", mixed(True))
     report("K+V 2.5 bits: a fixed half of the channels at 3 bits", mixed(False))
+
+
+class RecordingAttention:
+    """Exact causal attention that keeps one layer's queries and keys (the start-up text's statistics)."""
+
+    def __init__(self, group: int, store: dict):
+        self.group, self.store = group, store
+
+    def forward(self, query, pages, meta):
+        n = query.shape[0]
+        k, v = pages.key.flatten(0, 1)[:n], pages.value.flatten(0, 1)[:n]
+        self.store["q"], self.store["k"] = query, k
+        return WindowAttention(self.group, None).forward(query, pages, meta)
+
+
+@torch.inference_mode()
+def priming_statistics(lm) -> list[dict]:
+    """Per layer, from one prefill of the engine's start-up text, over its tokens after the
+    first: the key mean (the engine's offset also counts the first token), the keys'
+    per-channel variance and the queries' per-channel mean square (per KV head, over its
+    query group), each ``[kv_heads, dim]``."""
+    from kernelplane.engine.engine import KV_PRIMING_TEXT
+    model, c = lm.model, lm.config
+    group = c.num_heads // c.num_kv_heads
+    ids = lm.tokenizer.encode(KV_PRIMING_TEXT)
+    stores = [dict() for _ in model.layers]
+    for layer, store in zip(model.layers, stores):
+        layer.self_attn.backend = RecordingAttention(group, store)
+    n = len(ids)
+    blocks = math.ceil(n / 16)
+    caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
+              for _ in range(c.num_layers)]
+    model(torch.tensor(ids), torch.arange(n), caches, AttentionMetadata.build([n], [n], [list(range(blocks))], 16))
+    stats = []
+    for store in stores:
+        k = store["k"][1:]  # the first token is exact in the tail and would dominate the mean
+        q = store["q"][1:].unflatten(1, (c.num_kv_heads, group))
+        stats.append({"mu": k.mean(0), "key_var": k.var(0), "query_ms": q.pow(2).mean((0, 2))})
+    return stats
+
+
+def offsets(report, codecs, stats: list[dict], recent: int) -> None:
+    """Where the key offset comes from, and a per-channel key scale, with the first and
+    latest ``recent`` tokens exact. The scale ``s = (E q^2 / var k)^(1/4)`` multiplies the
+    centred keys before quantization (and divides the query, so scores keep their value):
+    it minimizes the expected score error when the quantization error is isotropic."""
+    def variant(bits, source, scaled=False):
+        def transform(k, v, layer):
+            head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
+            st = stats[layer]
+            mu = {"window": k.mean(0), "priming": st["mu"], "prompt": k[:127].mean(0)}[source]
+            s = (st["query_ms"] / st["key_var"].clamp_min(1e-6)).pow(0.25) if scaled else torch.ones_like(mu)
+            s = s / s.pow(2).mean(-1, keepdim=True).sqrt()
+            k = codecs[bits].decode(*codecs[bits].encode((k - mu) * s)) / s + mu
+            v = codecs[bits].decode(*codecs[bits].encode(v))
+            return torch.cat([head_k, k]), torch.cat([head_v, v])
+        return transform
+
+    for bits in (4, 3):
+        for source in ("window", "priming", "prompt"):
+            report(f"K+V {bits} bits, offset from the {source}", variant(bits, source), recent=recent, per_layer=True)
+        for source in ("priming", "prompt"):
+            report(f"K+V {bits} bits, offset from the {source}, key scale from the priming text",
+                   variant(bits, source, True), recent=recent, per_layer=True)
 
 
 def per_layer(report, transform: Transform, bits: int, num_layers: int) -> None:
