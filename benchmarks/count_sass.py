@@ -94,6 +94,29 @@ def compile_write_case(bits: int, dim: int, norm_mode: int, rotated: bool, exact
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
+def compile_gluon_case(block_n: int, has_tail: bool = False, dim: int = D):
+    """The Gluon 2-bit decode kernel (``gluon_decode``) for sm_90, one warp."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernelplane_quant_turboquant import gluon_decode
+
+    fn = gluon_decode.tq2_decode_gluon
+    row = dim * 2 // 8
+    constants = dict(stride_kcb=HKV * PAGE * row, stride_kct=row, stride_kch=PAGE * row, stride_knb=HKV * PAGE,
+                     stride_knt=1, stride_knh=PAGE, stride_vcb=HKV * PAGE * row, stride_vct=row, stride_vch=PAGE * row,
+                     stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE, GROUP=GROUP, BLOCK_N=block_n, PAGE=PAGE,
+                     HEAD_DIM=dim, HAS_TAIL=has_tail, **{f"A{i}": gluon_decode.prmt_asm(i) for i in range(4)})
+    pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*u8", kn_ptr="*fp16", vc_ptr="*u8",
+                    vn_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32")
+    signature = {n: pointers.get(n, "constexpr" if n in constants else "fp32" if "scale" in n else "i32")
+                 for n in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if signature[n].startswith("*") or (n.startswith("stride") and n not in constants)}
+    source = GluonASTSource(fn=fn, signature=signature, attrs=aligned,
+                            constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+
+
 def check() -> int:
     """Compile every decode and write variant; the interpreter accepts code the compiler refuses."""
     for bits, lookup, block_n, stages in CASES:
@@ -113,6 +136,13 @@ def check() -> int:
     for bits, dim, norm_mode, rotated in ((2, 64, 0, False), (3, 128, 2, True)):
         compile_write_case(bits, dim, norm_mode, rotated, exact_tail=True)
         print(f"write kernel, {bits} bits, dim {dim}, with the exact tail: compiled", flush=True)
+    from kernelplane_quant_turboquant import gluon_decode
+
+    if gluon_decode.gluon is not None:
+        for has_tail, dim in ((False, 128), (True, 64)):
+            compile_gluon_case(gluon_decode.BLOCK_N, has_tail, dim)
+            print(f"Gluon 2-bit decode kernel, head dim {dim}{', codes around the exact tail' if has_tail else ''}: "
+                  "compiled", flush=True)
     return 0
 
 

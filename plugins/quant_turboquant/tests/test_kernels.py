@@ -171,3 +171,34 @@ def test_exact_tail_read_by_a_second_launch():
 def test_exact_tail_in_prefill_tiles_with_a_window():
     run_case("turboquant4", 8, 2, 64, (40, 7), (55, 7), dtype=torch.float16, block_n=16, window=30, tail_window=12)
     run_case("turboquant3", 4, 1, 128, (1,), (70,), dtype=torch.bfloat16, block_n=64, tail_window=64)
+
+
+def test_plan_takes_the_gluon_kernel_for_large_two_bit_decode_batches():
+    request = AttentionRequest(num_heads=32, num_kv_heads=8, head_dim=128, kv_cache_format="turboquant2",
+                               dtype="bfloat16")
+    backend = TurboQuantAttention(request, sm_count=132)
+    big = AttentionMetadata.build([1] * 16, [4096] * 16, [list(range(256 * i, 256 * (i + 1))) for i in range(16)], 16)
+    small = AttentionMetadata.build([1] * 4, [4096] * 4, [list(range(256 * i, 256 * (i + 1))) for i in range(4)], 16)
+    drafts = AttentionMetadata.build([3] * 16, [4096] * 16, [list(range(256 * i, 256 * (i + 1))) for i in range(16)],
+                                     16)
+    if backend.gluon_unavailable:  # e.g. this CPU: never planned, and asking for it names the reason
+        assert not backend.plan(big, bits=2).gluon
+        with pytest.raises(ValueError, match="not available here"):
+            backend.plan(big, bits=2, gluon=True)
+    backend.gluon_unavailable = None  # as on an H100
+    plan = backend.plan(big, bits=2)
+    assert plan.gluon and plan.block_n == 32 and plan.splits * plan.tokens_per_split >= 4096
+    assert not backend.plan(small, bits=2).gluon
+    assert not backend.plan(big, bits=3).gluon
+    assert not backend.plan(drafts, bits=2).gluon
+    with pytest.raises(ValueError, match="one query token per sequence"):
+        backend.plan(drafts, bits=2, gluon=True)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="Gluon kernels do not run in Triton's CPU interpreter (compiled for "
+                                           "sm_90 in test_compiles_for_sm90.py)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gluon_decode_kernel(dtype):
+    run_case("turboquant2", 32, 8, 128, (1, 1, 1), (1500, 3, 64), dtype=dtype, gluon=True, splits=4)
+    # A GQA group of three at head dim 64 (SmolLM2), the exact tail read by the Triton kernel's second launch.
+    run_case("turboquant2", 9, 3, 64, (1, 1, 1), (150, 40, 5), dtype=dtype, gluon=True, splits=3, tail_window=20)

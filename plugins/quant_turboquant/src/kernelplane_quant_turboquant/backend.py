@@ -17,7 +17,7 @@ from kernelplane.kv_cache import check_kernel_inputs, exact_tail_in_use
 
 import triton.language as tl
 
-from . import kernels
+from . import gluon_decode, kernels
 from .cubic import check_exact
 from .decode_asm import decode_asm
 from .packing import num_fields
@@ -33,6 +33,8 @@ TARGET_PROGRAMS_PER_SM = 2.0
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 128
 DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the decode plan
+# The Gluon 2-bit decode kernel wins from batch 16 x 8 KV heads on an H100 and loses at 4 x 8 (BENCHMARKS.md).
+GLUON_MIN_SEQ_HEADS = 128
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class LaunchPlan:
     # The exact tail read by a second launch instead of the last split (measured: +13 µs at batch 1,
     # against +3; at 4 bits, 128k tokens, batch 16: +5 % against +10 %; BENCHMARKS.md).
     separate_tail: bool = False
+    gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits); the tail by a second launch
 
 
 def next_pow2(n: int) -> int:
@@ -72,15 +75,41 @@ class TurboQuantAttention:
         nvidia = torch.cuda.is_available() and torch.version.cuda is not None and not _INTERPRETED
         self.default_lookup = 2 if nvidia and request.dtype != "float32" else 1
         self.compiled = torch.cuda.is_available() and not _INTERPRETED
+        self.gluon_unavailable = self._gluon_unavailable(nvidia)
+
+    def _gluon_unavailable(self, nvidia: bool) -> Optional[str]:
+        """Why ``gluon_decode`` cannot serve this request (None: it can, for 2-bit decode batches)."""
+        req = self.request
+        if not nvidia:
+            return "needs compiled Triton on an NVIDIA GPU"
+        if gluon_decode.gluon is None:
+            return "this Triton has no Gluon"
+        if torch.cuda.get_device_capability()[0] < 8:
+            return "needs mma.sync (compute capability 8.0 or newer)"
+        if req.dtype == "float32":
+            return "decodes to float16: not for float32 queries"
+        if req.head_dim % 64 or req.v_dim != req.head_dim or req.sliding_window is not None or not req.causal:
+            return "head dims must be equal multiples of 64, causal, without a sliding window"
+        if self.group > 16:
+            return f"at most 16 query heads per KV head, got {self.group}"
+        return None
 
     # ---- planning -------------------------------------------------------
     def plan(self, meta: AttentionMetadata, block_n: Optional[int] = None, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
              num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
-             bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False) -> LaunchPlan:
+             bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
+             gluon: Optional[bool] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
-        ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder)."""
+        ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder, or the
+        Gluon kernel for batches of at least ``GLUON_MIN_SEQ_HEADS`` sequence x KV heads)."""
         max_q = max(1, meta.max_query_len)
+        max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
+        if gluon is None:
+            gluon = (bits == 2 and max_q == 1 and self.gluon_unavailable is None
+                     and meta.num_seqs * self.request.num_kv_heads >= GLUON_MIN_SEQ_HEADS)
+        if gluon:
+            return self._gluon_plan(meta, max_q, max_kv, bits, splits)
         if max_q * self.group <= DECODE_MAX_ROWS:
             block_q = max_q
             block_m = max(16, next_pow2(max_q * self.group))
@@ -100,7 +129,6 @@ class TurboQuantAttention:
             block_n = 128 if lookup == 3 else 64
         if num_stages is None:
             num_stages = 3 if lookup == 3 else 2
-        max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         whole = max(block_n, math.ceil(max_kv / block_n) * block_n)
         if splits is None:
             splits = 1
@@ -119,6 +147,23 @@ class TurboQuantAttention:
         splits = max(1, math.ceil(max_kv / per_split))
         return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup, rotated_query,
                           separate_tail)
+
+    def _gluon_plan(self, meta: AttentionMetadata, max_q: int, max_kv: int, bits: Optional[int],
+                    splits: Optional[int]) -> LaunchPlan:
+        if self.gluon_unavailable:
+            raise ValueError(f"the Gluon decode kernel is not available here: {self.gluon_unavailable}")
+        if bits not in (None, 2) or max_q != 1:
+            raise ValueError(f"the Gluon decode kernel reads 2-bit codes for one query token per sequence, "
+                             f"got {bits} bits and up to {max_q} tokens")
+        block_n = gluon_decode.BLOCK_N
+        if splits is None:
+            want = math.ceil(gluon_decode.PROGRAMS_PER_SM * (self.sm_count or 1)
+                             / max(1, meta.num_seqs * self.request.num_kv_heads))
+            splits = max(1, min(want, MAX_SPLITS, max_kv // MIN_TOKENS_PER_SPLIT))
+        per_split = math.ceil(math.ceil(max_kv / splits) / block_n) * block_n
+        splits = max(1, math.ceil(max_kv / per_split))
+        # Queries rotated once before the kernels (the Triton tail launch reads them too); warps: that launch's.
+        return LaunchPlan(16, 1, block_n, splits, per_split, lookup=3, rotated_query=True, gluon=True)
 
     # ---- per-quantizer operands -------------------------------------------
     def _tensors_for(self, quantizer: TurboQuantKVQuantizer, device: torch.device) -> dict:
@@ -144,6 +189,9 @@ class TurboQuantAttention:
                 q_rot=q_rot.to(device=device, dtype=torch.float32).contiguous(),
                 bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table), **cubics,
             )
+            if kc.bits == 2:
+                self._operands[key]["centroid_words"] = (*gluon_decode.centroid_words(kc.table.tolist()),
+                                                         *gluon_decode.centroid_words(vc.table.tolist()))
         return self._operands[key]
 
     # ---- the hot path ---------------------------------------------------
@@ -170,7 +218,7 @@ class TurboQuantAttention:
             k_table, v_table = ops["k_table"], ops["v_table"]
         kn, vn = t["key_norm"], t["value_norm"]
         has_tail = exact_tail_in_use(pages, meta)
-        separate_tail = has_tail and plan.separate_tail
+        separate_tail = has_tail and (plan.separate_tail or plan.gluon)
         splits = plan.splits + (1 if separate_tail else 0)  # a second launch's tail partial follows the codes' splits
         partial = torch.empty(num_tokens, req.num_heads, splits, req.v_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(num_tokens, req.num_heads, splits, dtype=torch.float32, device=query.device)
@@ -209,7 +257,11 @@ class TurboQuantAttention:
                 num_warps=plan.num_warps, num_stages=plan.num_stages,
             )
 
-        launch((meta.num_seqs, q_tiles, req.num_kv_heads * plan.splits), (1 if separate_tail else 3) if has_tail else 0)
+        if plan.gluon:
+            self._launch_gluon(plan, ops, q_in, partial, lse, pages, meta, score_scale, has_tail)
+        else:
+            launch((meta.num_seqs, q_tiles, req.num_kv_heads * plan.splits),
+                   (1 if separate_tail else 3) if has_tail else 0)
         if separate_tail:
             launch((meta.num_seqs, q_tiles, req.num_kv_heads), 2)
         kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](
@@ -222,6 +274,23 @@ class TurboQuantAttention:
             num_warps=4,
         )
         return out
+
+    def _launch_gluon(self, plan: LaunchPlan, ops: dict, q_in: torch.Tensor, partial: torch.Tensor, lse: torch.Tensor,
+                      pages: KVPages, meta: AttentionMetadata, score_scale: float, has_tail: bool) -> None:
+        """The codes' splits by ``gluon_decode`` (the tail, if any, by the Triton kernel after it)."""
+        req, t = self.request, pages.tensors
+        kc, vc, kn, vn = t["key_codes"], t["value_codes"], t["key_norm"], t["value_norm"]
+        window, capacity = (pages.exact_tail.window, pages.exact_tail.capacity) if has_tail else (0, 1)
+        gluon_decode.tq2_decode_gluon[(meta.num_seqs, req.num_kv_heads * plan.splits)](
+            q_in, partial, lse, kc, kn, vc, vn, *ops["centroid_words"],
+            meta.block_tables, meta.seq_lens, meta.query_start_loc, window, capacity,
+            req.num_kv_heads, score_scale, 1.0 / math.sqrt(req.v_dim), plan.tokens_per_split,
+            q_in.stride(0), q_in.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), meta.block_tables.stride(0),
+            kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+            GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim,
+            **{f"A{i}": gluon_decode.prmt_asm(i) for i in range(4)}, HAS_TAIL=has_tail, num_warps=1)
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:
         check_kernel_inputs(query, pages, meta, self.request)
