@@ -2,7 +2,7 @@
 
 ``gluon_decode`` loads code bytes straight into tensor-core operands (its
 docstring has the design). The backend plans it for 2-bit decode batches
-of at least ``GLUON_MIN_SEQ_HEADS`` sequence x KV heads; this script shows
+of at least ``GLUON_MIN_KEYS`` sequence x KV head x keys; this script shows
 why: for each shape it times, in one run, SDPA on bfloat16 K/V (the peer),
 the Triton kernel's plan and the Gluon plan at several programs per SM
 (CUDA-graph replays over >= 256 MB of cache, as ``bench_turboquant.py``),

@@ -94,6 +94,16 @@ def compile_write_case(bits: int, dim: int, norm_mode: int, rotated: bool, exact
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
+def compile_combine_case():
+    """The split combine (merge by log-sum-exp, rotate back) for sm_90."""
+    fn = kernels.combine_splits_kernel
+    constants = dict(GROUP=GROUP, BLOCK_H=16, BLOCK_S=64, SPLIT_CHUNK=16, HEAD_DIM_V=D, ROT_CHUNK=32, UPCAST=False)
+    pointers = dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", orot_hi_ptr="*bf16", orot_lo_ptr="*bf16")
+    signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
 def compile_gluon_case(block_n: int, has_tail: bool = False, dim: int = D):
     """The Gluon 2-bit decode kernel (``gluon_decode``) for sm_90, one warp."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -136,6 +146,8 @@ def check() -> int:
     for bits, dim, norm_mode, rotated in ((2, 64, 0, False), (3, 128, 2, True)):
         compile_write_case(bits, dim, norm_mode, rotated, exact_tail=True)
         print(f"write kernel, {bits} bits, dim {dim}, with the exact tail: compiled", flush=True)
+    compile_combine_case()
+    print("split combine: compiled", flush=True)
     from kernelplane_quant_turboquant import gluon_decode
 
     if gluon_decode.gluon is not None:

@@ -66,6 +66,10 @@ def test_decode_with_forced_splits(fmt, lookup):
     run_case(fmt, 8, 2, 64, (1, 1, 1), (150, 3, 64), splits=4, block_n=32, lookup=lookup)
 
 
+def test_decode_with_more_splits_than_one_combine_load():  # the combine reads 16 splits per load
+    run_case("turboquant2", 8, 2, 64, (1, 1), (600, 37), splits=30, block_n=16)
+
+
 def test_decode_gqa_group_of_three_bfloat16():  # SmolLM2-135M: 9 query heads over 3 KV heads
     run_case("turboquant3", 9, 3, 64, (1, 1), (70, 33), dtype=torch.bfloat16, splits=3, block_n=16)
 
@@ -189,6 +193,8 @@ def test_plan_takes_the_gluon_kernel_for_large_two_bit_decode_batches():
     plan = backend.plan(big, bits=2)
     assert plan.gluon and plan.block_n == 32 and plan.splits * plan.tokens_per_split >= 4096
     assert not backend.plan(small, bits=2).gluon
+    one_long = AttentionMetadata.build([1], [32768], [list(range(2048))], 16)
+    assert backend.plan(one_long, bits=2).gluon
     assert not backend.plan(big, bits=3).gluon
     assert not backend.plan(drafts, bits=2).gluon
     with pytest.raises(ValueError, match="one query token per sequence"):

@@ -33,8 +33,10 @@ TARGET_PROGRAMS_PER_SM = 2.0
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 128
 DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the decode plan
-# The Gluon 2-bit decode kernel wins from batch 16 x 8 KV heads on an H100 and loses at 4 x 8 (BENCHMARKS.md).
-GLUON_MIN_SEQ_HEADS = 128
+COMBINE_SPLIT_CHUNK = 16  # partials merged per load
+# The Gluon 2-bit decode kernel wins on an H100 from (sequences x KV heads x keys) = 1 x 8 x 32k and loses at
+# 1 x 8 x 4k (BENCHMARKS.md): below this much work its one-warp programs cannot fill the GPU.
+GLUON_MIN_KEYS = 2**18
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,12 @@ class TurboQuantAttention:
              gluon: Optional[bool] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
         ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder, or the
-        Gluon kernel for batches of at least ``GLUON_MIN_SEQ_HEADS`` sequence x KV heads)."""
+        Gluon kernel for batches of at least ``GLUON_MIN_KEYS`` sequence x KV head x keys)."""
         max_q = max(1, meta.max_query_len)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         if gluon is None:
             gluon = (bits == 2 and max_q == 1 and self.gluon_unavailable is None
-                     and meta.num_seqs * self.request.num_kv_heads >= GLUON_MIN_SEQ_HEADS)
+                     and meta.num_seqs * self.request.num_kv_heads * max_kv >= GLUON_MIN_KEYS)
         if gluon:
             return self._gluon_plan(meta, max_q, max_kv, bits, splits)
         if max_q * self.group <= DECODE_MAX_ROWS:
@@ -270,6 +272,7 @@ class TurboQuantAttention:
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             GROUP=self.group, BLOCK_H=max(16, next_pow2(self.group)), BLOCK_S=max(2, next_pow2(splits)),
+            SPLIT_CHUNK=COMBINE_SPLIT_CHUNK,
             HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk, UPCAST=_INTERPRETED,
             num_warps=4,
         )

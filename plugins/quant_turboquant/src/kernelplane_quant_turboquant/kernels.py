@@ -444,11 +444,13 @@ def combine_splits_kernel(
     stride_pt, stride_ph, stride_ps,
     stride_lt, stride_lh,
     stride_ot, stride_oh,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, ROT_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Grid: (tokens, KV heads). Merges the rotated partials of the group's
-    query heads by their log-sum-exp, then rotates back: ``out = merged @ R``."""
+    query heads by their log-sum-exp, then rotates back: ``out = merged @ R``.
+    The partials are read ``SPLIT_CHUNK`` splits per load, so that a long
+    split list costs a few loads in flight, not one load after another."""
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     offs_h = tl.arange(0, BLOCK_H)
@@ -464,15 +466,20 @@ def combine_splits_kernel(
     inv_total = 1.0 / tl.where(total > 0.0, total, 1.0)
 
     offs_c = tl.arange(0, ROT_CHUNK)
+    offs_k = tl.arange(0, SPLIT_CHUNK)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     part_rows = part_ptr + token * stride_pt + head * stride_ph
     out = tl.zeros([BLOCK_H, HEAD_DIM_V], dtype=tl.float32)
     for c in tl.static_range(0, HEAD_DIM_V, ROT_CHUNK):
         merged = tl.zeros([BLOCK_H, ROT_CHUNK], dtype=tl.float32)
-        for s in range(num_splits):
-            weight = tl.exp2(tl.load(lse_rows + s, mask=head_ok, other=float("-inf")) - m) * inv_total
-            part = tl.load(part_rows[:, None] + s * stride_ps + (c + offs_c)[None, :], mask=head_ok[:, None], other=0.0)
-            merged += part * weight[:, None]
+        for s0 in range(0, num_splits, SPLIT_CHUNK):
+            split = s0 + offs_k
+            ok = head_ok[:, None] & (split[None, :] < num_splits)
+            weight = tl.exp2(tl.load(lse_rows[:, None] + split[None, :], mask=ok, other=float("-inf")) - m[:, None])
+            part = tl.load(part_rows[:, None, None] + split[None, :, None] * stride_ps + (c + offs_c)[None, None, :],
+                           mask=ok[:, :, None], other=0.0)
+            merged += tl.sum(part * weight[:, :, None], 1)
+        merged = merged * inv_total[:, None]
         m_offs = (c + offs_c)[:, None] * HEAD_DIM_V + offs_dv[None, :]
         m_hi = tl.load(orot_hi_ptr + m_offs)
         m_lo = tl.load(orot_lo_ptr + m_offs)
