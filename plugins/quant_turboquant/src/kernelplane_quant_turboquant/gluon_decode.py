@@ -7,8 +7,8 @@ layouts) lets this kernel load each thread's code bytes directly in the
 operand layout of ``mma.sync`` (m16n8k16, float16), so its loop touches no
 shared memory:
 
-- scores ``S = Q K^T``: the queries (rotated, unit length; 16 rows of which
-  the GQA group uses up to 16) are the left operand, loaded once; a tile of
+- scores ``S = Q K^T``: the queries (rotated, unit length; the GQA group's
+  heads as rows of a 16-row tile) are the left operand, loaded once; a tile of
   keys is the right operand ``K^T [dims, keys]``, one code byte per element;
 - ``P`` leaves the score product in the layout the value product takes as
   its left operand, and the values are its right operand ``V [keys, dims]``;
@@ -70,6 +70,7 @@ def _jit(fn):
 
 @_jit
 def _decode(codes, lo, hi, ASM: gl.constexpr):
+    """Float16 centroids of one field of ``codes`` (bytes): ``prmt_asm`` on four elements per call."""
     lo_t = gl.full(codes.shape, lo, gl.int32, codes.type.layout)
     hi_t = gl.full(codes.shape, hi, gl.int32, codes.type.layout)
     return gl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r", [codes, lo_t, hi_t], dtype=gl.float16,
