@@ -90,8 +90,8 @@ class TurboQuantAttention:
             return "needs mma.sync (compute capability 8.0 or newer)"
         if req.dtype == "float32":
             return "decodes to float16: not for float32 queries"
-        if req.head_dim % 64 or req.v_dim != req.head_dim or req.sliding_window is not None or not req.causal:
-            return "head dims must be equal multiples of 64, causal, without a sliding window"
+        if req.head_dim not in (64, 128) or req.v_dim != req.head_dim or req.sliding_window is not None or not req.causal:
+            return "head dims must be 64 or 128 (both), causal, without a sliding window"
         if self.group > 16:
             return f"at most 16 query heads per KV head, got {self.group}"
         return None
@@ -293,7 +293,7 @@ class TurboQuantAttention:
             kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
             GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim,
-            **{f"A{i}": gluon_decode.prmt_asm(i) for i in range(4)}, HAS_TAIL=has_tail, num_warps=1)
+            **gluon_decode.FIELD_ASM, HAS_TAIL=has_tail, num_warps=1)
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:
         check_kernel_inputs(query, pages, meta, self.request)

@@ -20,7 +20,7 @@ shared memory:
   tile's codes are loaded while the current one is decoded.
 
 Decode steps only (one query token per sequence), no sliding window, head
-dims that are multiples of 64. Its partial outputs have the Triton kernel's
+dims 64 or 128 (the ones tested). Its partial outputs have the Triton kernel's
 layout, so ``kernels.combine_splits_kernel`` merges and de-rotates them; the
 exact tail is read by the Triton kernel's tail-only launch. Measured against
 the Triton kernel in ``benchmarks/bench_turboquant_gluon.py``; the backend
@@ -55,6 +55,9 @@ def prmt_asm(field: int) -> str:
               "shr.b32 s1, u, 16;", "mad.lo.u32 s1, s1, 0x22, 0x1010;",
               "prmt.b32 $0, $3, $7, s0;", "prmt.b32 $1, $3, $7, s1;", "}"]
     return "\n".join(lines)
+
+
+FIELD_ASM = {f"A{i}": prmt_asm(i) for i in range(4)}  # the kernel's A0..A3
 
 
 def centroid_words(table) -> tuple[int, int]:
