@@ -244,9 +244,7 @@ class RecordingAttention:
         self.group, self.store = group, store
 
     def forward(self, query, pages, meta):
-        n = query.shape[0]
-        k, v = pages.key.flatten(0, 1)[:n], pages.value.flatten(0, 1)[:n]
-        self.store["q"], self.store["k"] = query, k
+        self.store["q"], self.store["k"] = query, pages.key.flatten(0, 1)[:query.shape[0]]
         return WindowAttention(self.group, None).forward(query, pages, meta)
 
 

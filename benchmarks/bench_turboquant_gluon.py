@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import math
 import os
 import sys
 
@@ -72,12 +71,8 @@ def main() -> int:
         print(f"the Gluon kernel cannot run here: {backend.gluon_unavailable}")
         return 1
     hq, hkv, dim = bt.HQ, bt.HKV, bt.D
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; Hq {hq} / Hkv {hkv}, head dim {dim}")
-
-    def gluon_splits(batch, ctx, per_sm):
-        return max(1, min(math.ceil(per_sm * sms / (batch * hkv)), 128, ctx // 256))
 
     # Correctness: written keys and values, ragged decode batch, against the reference on the same pages.
     lens = [8192, 3000, 17, 4096, 700]
@@ -91,7 +86,7 @@ def main() -> int:
     ref = ReferenceAttention(request).forward(query.float(), pages, meta)
     errors = {"Triton": bt.rel_err(backend.forward(query, pages, meta, backend.plan(meta, bits=2, gluon=False)), ref)}
     for per_sm in PROGRAMS_PER_SM:
-        plan = backend.plan(meta, bits=2, gluon=True, splits=gluon_splits(len(lens), max(lens), per_sm))
+        plan = backend.plan(meta, bits=2, gluon=True, programs_per_sm=per_sm)
         errors[f"Gluon {per_sm}/SM"] = bt.rel_err(backend.forward(query, pages, meta, plan), ref)
     print("relative error against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     del pages
@@ -113,7 +108,7 @@ def main() -> int:
             return bt.time_graph([lambda m=m, p=p: backend.forward(q, pages, m, plan=p) for m, p in zip(metas, plans)])
 
         triton_t = timed(gluon=False)
-        ours = [timed(gluon=True, splits=gluon_splits(batch, ctx, p)) for p in PROGRAMS_PER_SM]
+        ours = [timed(gluon=True, programs_per_sm=p) for p in PROGRAMS_PER_SM]
         choice = "Gluon" if backend.plan(metas[0], bits=2).gluon else "Triton"
         best = min(ours)
         print(f"| {batch} | {ctx} | {sdpa * 1e6:.1f} | {triton_t * 1e6:.1f} | "

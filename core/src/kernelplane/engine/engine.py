@@ -41,7 +41,6 @@ KV_PRIMING_TEXT = ("The museum opened its new wing on a rainy Tuesday. Visitors 
                    "around 1200 and had travelled through three countries before arriving here.")
 
 
-
 @torch.inference_mode()
 def prime_kv_cache(model, tokenizer, kv_caches: list[KVPages], num_blocks: int, block_size: int, device) -> None:
     """One prefill of ``KV_PRIMING_TEXT`` into the cache's first blocks (no

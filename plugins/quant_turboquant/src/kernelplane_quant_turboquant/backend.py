@@ -53,11 +53,26 @@ class LaunchPlan:
     # The exact tail read by a second launch instead of the last split (measured: +13 µs at batch 1,
     # against +3; at 4 bits, 128k tokens, batch 16: +5 % against +10 %; BENCHMARKS.md).
     separate_tail: bool = False
-    gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits); the tail by a second launch
+    gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by a second launch)
 
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _split_kv(programs: int, max_kv: int, block_n: int, splits: Optional[int], programs_per_sm: float,
+              min_tokens_per_split: int, sm_count: Optional[int]) -> tuple[int, int]:
+    """(splits, tokens per split): ``splits`` if given, else enough that ``programs``
+    times it reach ``programs_per_sm`` on ``sm_count`` SMs (one split without a count),
+    each at least ``min_tokens_per_split`` long. Splits cut between key tiles."""
+    if splits is None:
+        splits = 1
+        if sm_count:
+            want = math.ceil(programs_per_sm * sm_count / max(programs, 1))
+            splits = max(1, min(want, MAX_SPLITS, max_kv // max(min_tokens_per_split, 1)))
+    whole = max(block_n, math.ceil(max_kv / block_n) * block_n)
+    per_split = math.ceil(math.ceil(max_kv / max(splits, 1)) / block_n) * block_n if splits > 1 else whole
+    return max(1, math.ceil(max_kv / per_split)), per_split
 
 
 class TurboQuantAttention:
@@ -97,21 +112,23 @@ class TurboQuantAttention:
         return None
 
     # ---- planning -------------------------------------------------------
-    def plan(self, meta: AttentionMetadata, block_n: Optional[int] = None, programs_per_sm: float = TARGET_PROGRAMS_PER_SM,
+    def plan(self, meta: AttentionMetadata, block_n: Optional[int] = None, programs_per_sm: Optional[float] = None,
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
              num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
              bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
              gluon: Optional[bool] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
         ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder, or the
-        Gluon kernel for batches of at least ``GLUON_MIN_KEYS`` sequence x KV head x keys)."""
+        Gluon kernel for batches of at least ``GLUON_MIN_KEYS`` sequence x KV head x keys).
+        ``programs_per_sm``: KV splits are added until about this many programs run per SM
+        (default: the kernel's own, ``TARGET_PROGRAMS_PER_SM`` or ``gluon_decode.PROGRAMS_PER_SM``)."""
         max_q = max(1, meta.max_query_len)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         if gluon is None:
             gluon = (bits == 2 and max_q == 1 and self.gluon_unavailable is None
                      and meta.num_seqs * self.request.num_kv_heads * max_kv >= GLUON_MIN_KEYS)
         if gluon:
-            return self._gluon_plan(meta, max_q, max_kv, bits, splits)
+            return self._gluon_plan(meta, max_q, max_kv, bits, splits, programs_per_sm)
         if max_q * self.group <= DECODE_MAX_ROWS:
             block_q = max_q
             block_m = max(16, next_pow2(max_q * self.group))
@@ -131,13 +148,10 @@ class TurboQuantAttention:
             block_n = 128 if lookup == 3 else 64
         if num_stages is None:
             num_stages = 3 if lookup == 3 else 2
-        whole = max(block_n, math.ceil(max_kv / block_n) * block_n)
-        if splits is None:
-            splits = 1
-            if self.sm_count and max_q * self.group <= DECODE_MAX_ROWS:
-                programs = meta.num_seqs * math.ceil(max_q / block_q) * self.request.num_kv_heads
-                want = math.ceil(programs_per_sm * self.sm_count / max(programs, 1))
-                splits = max(1, min(want, MAX_SPLITS, max_kv // max(min_tokens_per_split, 1)))
+        programs = meta.num_seqs * math.ceil(max_q / block_q) * self.request.num_kv_heads
+        splits, per_split = _split_kv(programs, max_kv, block_n, splits, programs_per_sm or TARGET_PROGRAMS_PER_SM,
+                                      min_tokens_per_split,
+                                      self.sm_count if max_q * self.group <= DECODE_MAX_ROWS else None)
         if num_warps is None:
             # One Hopper warpgroup (4 warps) per 64 query rows, the row count of a
             # wgmma. With 8 warps on a 64-row tile Triton must split each product
@@ -145,27 +159,24 @@ class TurboQuantAttention:
             # 3.6 compiled that to wrong output on an H100 with 16-key tiles (an
             # illegal address at head dim 128). The CPU interpreter has no warps.
             num_warps = 4 if block_m <= 64 else 8
-        per_split = math.ceil(math.ceil(max_kv / max(splits, 1)) / block_n) * block_n if splits > 1 else whole
-        splits = max(1, math.ceil(max_kv / per_split))
         return LaunchPlan(block_m, block_q, block_n, splits, per_split, num_warps, num_stages, lookup, rotated_query,
                           separate_tail)
 
     def _gluon_plan(self, meta: AttentionMetadata, max_q: int, max_kv: int, bits: Optional[int],
-                    splits: Optional[int]) -> LaunchPlan:
+                    splits: Optional[int], programs_per_sm: Optional[float]) -> LaunchPlan:
         if self.gluon_unavailable:
             raise ValueError(f"the Gluon decode kernel is not available here: {self.gluon_unavailable}")
         if bits not in (None, 2) or max_q != 1:
             raise ValueError(f"the Gluon decode kernel reads 2-bit codes for one query token per sequence, "
                              f"got {bits} bits and up to {max_q} tokens")
         block_n = gluon_decode.BLOCK_N
-        if splits is None:
-            want = math.ceil(gluon_decode.PROGRAMS_PER_SM * (self.sm_count or 1)
-                             / max(1, meta.num_seqs * self.request.num_kv_heads))
-            splits = max(1, min(want, MAX_SPLITS, max_kv // MIN_TOKENS_PER_SPLIT))
-        per_split = math.ceil(math.ceil(max_kv / splits) / block_n) * block_n
-        splits = max(1, math.ceil(max_kv / per_split))
-        # Queries rotated once before the kernels (the Triton tail launch reads them too); warps: that launch's.
-        return LaunchPlan(16, 1, block_n, splits, per_split, lookup=3, rotated_query=True, gluon=True)
+        splits, per_split = _split_kv(meta.num_seqs * self.request.num_kv_heads, max_kv, block_n, splits,
+                                      programs_per_sm or gluon_decode.PROGRAMS_PER_SM, MIN_TOKENS_PER_SPLIT,
+                                      self.sm_count or 1)
+        # Queries rotated once before the kernels, the exact tail read by the Triton kernel's tail-only
+        # launch (which takes the rotated queries too; warps: that launch's).
+        return LaunchPlan(16, 1, block_n, splits, per_split, lookup=3, rotated_query=True, separate_tail=True,
+                          gluon=True)
 
     # ---- per-quantizer operands -------------------------------------------
     def _tensors_for(self, quantizer: TurboQuantKVQuantizer, device: torch.device) -> dict:
@@ -220,7 +231,7 @@ class TurboQuantAttention:
             k_table, v_table = ops["k_table"], ops["v_table"]
         kn, vn = t["key_norm"], t["value_norm"]
         has_tail = exact_tail_in_use(pages, meta)
-        separate_tail = has_tail and (plan.separate_tail or plan.gluon)
+        separate_tail = has_tail and plan.separate_tail
         splits = plan.splits + (1 if separate_tail else 0)  # a second launch's tail partial follows the codes' splits
         partial = torch.empty(num_tokens, req.num_heads, splits, req.v_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(num_tokens, req.num_heads, splits, dtype=torch.float32, device=query.device)
