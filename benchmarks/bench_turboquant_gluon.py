@@ -38,13 +38,19 @@ def count() -> int:
 
     import count_sass
 
-    print(f"triton {triton.__version__}, target sm_90, head dim {count_sass.D}, one warp")
-    print("| keys/step | loop instructions | per K/V element | most frequent |\n|---|---|---|---|")
-    for block_n in (16, 32):
-        ops = count_sass.main_loop(count_sass.compile_gluon_case(block_n).asm["cubin"])
-        per_thread = block_n * count_sass.D * 2 / 32
-        top = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(6))
-        print(f"| {block_n} | {len(ops)} | {len(ops) / per_thread:.2f} | {top} |")
+    from kernelplane_quant_turboquant import gluon_decode
+
+    print(f"triton {triton.__version__}, target sm_90, one warp, {gluon_decode.BLOCK_N} keys per step; a step "
+          "without the rescale skips its branch (the running maximum stays)")
+    print("| head dim | loop instructions | per K/V element | without the rescale | per K/V element | most frequent |\n"
+          "|---|---|---|---|---|---|")
+    for dim in (128, 64):
+        ops = count_sass.main_loop(count_sass.compile_gluon_case(gluon_decode.BLOCK_N, dim=dim).asm["cubin"])
+        steady = count_sass.without_branches(ops)
+        per_thread = gluon_decode.BLOCK_N * dim * 2 / 32
+        top = ", ".join(f"{op} {n}" for op, n in collections.Counter(steady).most_common(6))
+        print(f"| {dim} | {len(ops)} | {len(ops) / per_thread:.2f} | {len(steady)} | {len(steady) / per_thread:.2f} "
+              f"| {top} |")
     return 0
 
 

@@ -112,13 +112,13 @@ def compile_gluon_case(block_n: int, has_tail: bool = False, dim: int = D):
 
     fn = gluon_decode.tq2_decode_gluon
     row = dim * 2 // 8
-    constants = dict(stride_kcb=HKV * PAGE * row, stride_kct=row, stride_kch=PAGE * row, stride_knb=HKV * PAGE,
-                     stride_knt=1, stride_knh=PAGE, stride_vcb=HKV * PAGE * row, stride_vct=row, stride_vch=PAGE * row,
-                     stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE, GROUP=GROUP, BLOCK_N=block_n, PAGE=PAGE,
-                     HEAD_DIM=dim, HAS_TAIL=has_tail, **{f"A{i}": gluon_decode.prmt_asm(i) for i in range(4)})
-    pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*u8", kn_ptr="*fp16", vc_ptr="*u8",
+    constants = dict(stride_kcb=HKV * PAGE * row // 4, stride_kct=row // 4, stride_kch=PAGE * row // 4,
+                     stride_knb=HKV * PAGE, stride_knt=1, stride_knh=PAGE, stride_vcb=HKV * PAGE * row // 4, stride_vct=row // 4,
+                     stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE, GROUP=GROUP, BLOCK_N=block_n, PAGE=PAGE,
+                     HEAD_DIM=dim, HAS_TAIL=has_tail, **gluon_decode.KERNEL_ASM)
+    pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*fp16", vc_ptr="*i32",
                     vn_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32")
-    signature = {n: pointers.get(n, "constexpr" if n in constants else "fp32" if "scale" in n else "i32")
+    signature = {n: pointers.get(n, "constexpr" if n in constants else "fp32" if "scale" in n or n == "k_step" else "i32")
                  for n in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                if signature[n].startswith("*") or (n.startswith("stride") and n not in constants)}
@@ -179,6 +179,18 @@ def main_loop(cubin: bytes) -> list[str]:
                 loops.append((labels[target.group(1)], len(ops)))
     start, end = max(loops, key=lambda span: span[1] - span[0])
     return ops[start:end]
+
+
+def without_branches(ops: list[str]) -> list[str]:
+    """``ops`` less the code between ``BSSY`` and ``BSYNC``: a branch that steps can skip
+    (the Gluon kernel's rescale when the running maximum stays)."""
+    kept, depth = [], 0
+    for op in ops:
+        depth += op == "BSSY"
+        if depth == 0:
+            kept.append(op)
+        depth -= op == "BSYNC" and depth > 0
+    return kept
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""The PTX decoders (kernel ``LOOKUP == 2``) run through a small simulator of
+"""The PTX decoders (kernel ``LOOKUP == 2``, and the Gluon kernel's) run through a small simulator of
 the instructions they use, against the table lookup they stand for. (The
 CPU interpreter cannot run PTX; the GPU benchmark checks the kernel itself.)"""
 import random
@@ -8,6 +8,7 @@ import struct
 import pytest
 import torch
 
+from kernelplane_quant_turboquant import gluon_decode, packing
 from kernelplane_quant_turboquant.codec import TurboQuantCodec
 from kernelplane_quant_turboquant.decode_asm import decode_asm
 
@@ -96,3 +97,55 @@ def test_ptx_decodes_four_independent_elements(bits):
             if bits == 3:
                 code |= ((extras[i] >> extra_shifts[i]) & 1) << 2
             assert got[i] == float(table[code].half()), (i, code)
+
+
+def _signed_byte(word, i):
+    byte = (word >> (8 * i)) & 0xFF
+    return byte - 256 if byte & 0x80 else byte
+
+
+def test_int8_key_centroids_keep_the_table():
+    table = TurboQuantCodec(2, 128, seed=1).table.tolist()
+    word, step = gluon_decode.int8_centroids(table)
+    ints = [_signed_byte(word, i) for i in range(4)]
+    assert max(abs(v) for v in ints) <= 127
+    for got, want in zip(ints, table):  # each 2-bit centroid within 0.2 % of its value
+        assert abs(got * step - want) < 2e-3 * abs(want)
+
+
+def test_gluon_key_decoder_and_query_order():
+    """KEY_ASM's outputs against the codes it stands for, and the dimension the kernel
+    pairs each output byte with (``_load_query_operand``: byte ``2o + i // 2``, field
+    ``h + 2 (i % 2)``, dimension ``f * FW + 4 w + b`` for head dim ``4 FW``)."""
+    table = TurboQuantCodec(2, 128, seed=1).table.tolist()
+    word_table, _ = gluon_decode.int8_centroids(table)
+    centroid = [_signed_byte(word_table, c) for c in range(4)]
+    rng = random.Random(7)
+    fw = 32
+    for _ in range(50):
+        codes = [rng.randrange(4) for _ in range(4 * fw)]
+        row = packing.pack(torch.tensor(codes), 2)  # the page row the kernel reads
+        for r in range(2 * fw):
+            h, w, i = r // fw, r % fw // 4, r % 4
+            word = int.from_bytes(bytes(row[4 * w:4 * w + 4].tolist()), "little")
+            regs = run_ptx(gluon_decode.KEY_ASM, {"$2": word, "$6": word_table & MASK, "$10": 2 * h})
+            for out in range(2):
+                dim = (h + 2 * (i % 2)) * fw + 4 * w + 2 * out + i // 2
+                assert _signed_byte(regs[f"${out}"], i) == centroid[codes[dim]]
+
+
+def test_gluon_value_decoder_gathers_one_byte_of_four_keys():
+    table = TurboQuantCodec(2, 128, seed=1).table
+    lo, hi = gluon_decode.centroid_words(table.tolist())
+    rng = random.Random(8)
+    asm = gluon_decode.value_asm()
+    for _ in range(200):
+        words, j = [rng.getrandbits(32) for _ in range(4)], rng.randrange(4)
+        regs = run_ptx(asm, {"$8": words[0], "$9": words[1], "$10": words[2], "$11": words[3],
+                             "$12": j | (4 + j) << 4, "$16": lo & MASK, "$20": hi & MASK})
+        for f in range(4):
+            got = [_half(regs[f"${2 * f}"] & 0xFFFF), _half(regs[f"${2 * f}"] >> 16),
+                   _half(regs[f"${2 * f + 1}"] & 0xFFFF), _half(regs[f"${2 * f + 1}"] >> 16)]
+            for key in range(4):
+                code = (words[key] >> (8 * j + 2 * f)) & 3
+                assert got[key] == float(table[code].half())

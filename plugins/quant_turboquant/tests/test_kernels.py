@@ -185,13 +185,14 @@ def test_plan_takes_the_gluon_kernel_for_large_two_bit_decode_batches():
     small = AttentionMetadata.build([1] * 4, [4096] * 4, [list(range(256 * i, 256 * (i + 1))) for i in range(4)], 16)
     drafts = AttentionMetadata.build([3] * 16, [4096] * 16, [list(range(256 * i, 256 * (i + 1))) for i in range(16)],
                                      16)
-    if backend.gluon_unavailable:  # e.g. this CPU: never planned, and asking for it names the reason
+    unavailable_here = backend.gluon_unavailable
+    if unavailable_here:  # e.g. this CPU: never planned, and asking for it names the reason
         assert not backend.plan(big, bits=2).gluon
         with pytest.raises(ValueError, match="not available here"):
             backend.plan(big, bits=2, gluon=True)
     backend.gluon_unavailable = None  # as on an H100
     plan = backend.plan(big, bits=2)
-    assert plan.gluon and plan.block_n == 32 and plan.splits * plan.tokens_per_split >= 4096
+    assert plan.gluon and plan.block_n == 16 and plan.splits * plan.tokens_per_split >= 4096
     assert not backend.plan(small, bits=2).gluon
     one_long = AttentionMetadata.build([1], [32768], [list(range(2048))], 16)
     assert backend.plan(one_long, bits=2).gluon
@@ -199,6 +200,9 @@ def test_plan_takes_the_gluon_kernel_for_large_two_bit_decode_batches():
     assert not backend.plan(drafts, bits=2).gluon
     with pytest.raises(ValueError, match="one query token per sequence"):
         backend.plan(drafts, bits=2, gluon=True)
+    if not unavailable_here:  # pages of 8 tokens: a step of 16 keys would span two
+        odd_pages = TurboQuantAttention(request.model_copy(update={"block_size": 8}), sm_count=132)
+        assert "multiple of 16" in odd_pages.gluon_unavailable
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Gluon kernels do not run in Triton's CPU interpreter (compiled for "
@@ -208,3 +212,5 @@ def test_gluon_decode_kernel(dtype):
     run_case("turboquant2", 32, 8, 128, (1, 1, 1), (1500, 3, 64), dtype=dtype, gluon=True, splits=4)
     # A GQA group of three at head dim 64 (SmolLM2), the exact tail read by the Triton kernel's second launch.
     run_case("turboquant2", 9, 3, 64, (1, 1, 1), (150, 40, 5), dtype=dtype, gluon=True, splits=3, tail_window=20)
+    # Pages of 32 tokens (two steps per page), GQA 5, sequences ending mid-step.
+    run_case("turboquant2", 10, 2, 128, (1, 1), (333, 47), dtype=dtype, block_size=32, gluon=True, splits=2)

@@ -109,6 +109,8 @@ class TurboQuantAttention:
             return "head dims must be 64 or 128 (both), causal, without a sliding window"
         if self.group > 16:
             return f"at most 16 query heads per KV head, got {self.group}"
+        if req.block_size % gluon_decode.BLOCK_N:
+            return f"pages must hold a multiple of {gluon_decode.BLOCK_N} tokens, got {req.block_size}"
         return None
 
     # ---- planning -------------------------------------------------------
@@ -203,8 +205,8 @@ class TurboQuantAttention:
                 bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table), **cubics,
             )
             if kc.bits == 2:
-                self._operands[key]["centroid_words"] = (*gluon_decode.centroid_words(kc.table.tolist()),
-                                                         *gluon_decode.centroid_words(vc.table.tolist()))
+                self._operands[key]["gluon_tables"] = (*gluon_decode.int8_centroids(kc.table.tolist()),
+                                                       *gluon_decode.centroid_words(vc.table.tolist()))
         return self._operands[key]
 
     # ---- the hot path ---------------------------------------------------
@@ -293,10 +295,11 @@ class TurboQuantAttention:
                       pages: KVPages, meta: AttentionMetadata, score_scale: float, has_tail: bool) -> None:
         """The codes' splits by ``gluon_decode`` (the tail, if any, by the Triton kernel after it)."""
         req, t = self.request, pages.tensors
-        kc, vc, kn, vn = t["key_codes"], t["value_codes"], t["key_norm"], t["value_norm"]
+        kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
+        kn, vn = t["key_norm"], t["value_norm"]
         window, capacity = (pages.exact_tail.window, pages.exact_tail.capacity) if has_tail else (0, 1)
         gluon_decode.tq2_decode_gluon[(meta.num_seqs, req.num_kv_heads * plan.splits)](
-            q_in, partial, lse, kc, kn, vc, vn, *ops["centroid_words"],
+            q_in, partial, lse, kc, kn, vc, vn, *ops["gluon_tables"],
             meta.block_tables, meta.seq_lens, meta.query_start_loc, window, capacity,
             req.num_kv_heads, score_scale, 1.0 / math.sqrt(req.v_dim), plan.tokens_per_split,
             q_in.stride(0), q_in.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
@@ -304,7 +307,7 @@ class TurboQuantAttention:
             kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
             GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim,
-            **gluon_decode.FIELD_ASM, HAS_TAIL=has_tail, num_warps=1)
+            **gluon_decode.KERNEL_ASM, HAS_TAIL=has_tail, num_warps=1)
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:
         check_kernel_inputs(query, pages, meta, self.request)

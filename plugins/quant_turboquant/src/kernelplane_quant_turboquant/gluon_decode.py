@@ -38,26 +38,42 @@ try:
 except ImportError:  # a Triton without Gluon: the backend never plans this kernel
     gluon = None
 
-BLOCK_N = 32  # keys per step (64 spills registers; BENCHMARKS.md)
+BLOCK_N = 16  # keys per step: a step reads one page (pages are a multiple of 16 tokens long)
 PROGRAMS_PER_SM = 32  # one-warp programs
+RESCALE_SLACK = 8.0  # base-2 log: softmax weights up to 256 before the running maximum moves
 
 
-def prmt_asm(field: int) -> str:
-    """PTX decoding field ``field`` of four code bytes (``$2``, one register) into four
-    float16 centroids (``$0, $1``, element 0 in the low half). ``$3`` and ``$7`` hold the
-    four centroids in code order as float16 bits (``centroid_words``). A field's two bits
-    of bytes 0 and 1 become ``prmt`` byte selectors ``2c, 2c + 1`` for each code ``c`` in
-    one multiply-add (``c * 0x22 + 0x1010`` on ``c0 | c1 << 8``; ``prmt`` reads only the
-    low 16 bits of its selector, so bytes 2 and 3 may stay in the high half)."""
-    lines = ["{", ".reg .b32 u, s0, s1;"]
-    lines.append(f"shr.b32 u, $2, {2 * field};" if field else "mov.b32 u, $2;")
-    lines += ["and.b32 u, u, 0x03030303;", "mad.lo.u32 s0, u, 0x22, 0x1010;",
-              "shr.b32 s1, u, 16;", "mad.lo.u32 s1, s1, 0x22, 0x1010;",
-              "prmt.b32 $0, $3, $7, s0;", "prmt.b32 $1, $3, $7, s1;", "}"]
-    return "\n".join(lines)
+def value_asm() -> str:
+    """PTX decoding byte ``j`` of four keys' value words into their four fields' float16
+    centroids. Inputs: ``$8..$11`` the four keys' words (elements 0..3), ``$12`` the byte
+    gather selector ``j | (4 + j) << 4``, ``$16`` and ``$20`` the four centroids in code
+    order as float16 bits (``centroid_words``). Outputs ``$2f, $2f+1``: field ``f`` of
+    the four keys (element 0 in the low half). Three ``prmt`` gather byte ``j`` of the
+    four words into one register; then a field's two bits of bytes 0 and 1 become ``prmt``
+    byte selectors ``2c, 2c + 1`` for each code ``c`` in one multiply-add (``c * 0x22 +
+    0x1010`` on ``c0 | c1 << 8``; ``prmt`` reads only the low 16 bits of its selector)."""
+    lines = ["{", ".reg .b32 x, y, u, s0, s1;", "prmt.b32 x, $8, $9, $12;", "prmt.b32 y, $10, $11, $12;",
+             "prmt.b32 x, x, y, 0x5410;"]
+    for f in range(4):
+        lines.append(f"shr.b32 u, x, {2 * f};" if f else "mov.b32 u, x;")
+        lines += ["and.b32 u, u, 0x03030303;", "mad.lo.u32 s0, u, 0x22, 0x1010;", "shr.b32 s1, u, 16;",
+                  "mad.lo.u32 s1, s1, 0x22, 0x1010;", f"prmt.b32 ${2 * f}, $16, $20, s0;",
+                  f"prmt.b32 ${2 * f + 1}, $16, $20, s1;"]
+    return "\n".join(lines + ["}"])
 
 
-FIELD_ASM = {f"A{i}": prmt_asm(i) for i in range(4)}  # the kernel's A0..A3
+# Key codes decode to int8 for an int8 score product: one ``prmt`` turns four codes into
+# four int8 centroids, as an int8 operand register holds four elements. ``$2``: a word of
+# code bytes (four bytes of a key row; the call's four elements share it); ``$6``: the
+# table, four int8 centroids in code order; ``$10``: a shift, 0 or 2. After the shift a
+# mask keeps fields ``h`` and ``h + 2`` (``h`` = shift / 2) of bytes 0 and 1 as the four
+# low selector nibbles, and a shift by 16 gives bytes 2 and 3 (``prmt`` reads the low 16
+# bits of its selector). Output ``$o``, byte ``i``: byte ``2 * o + i // 2``, field
+# ``h + 2 * (i % 2)`` of the word.
+KEY_ASM = "\n".join([
+    "{", ".reg .b32 m, t;", "shr.b32 m, $2, $10;", "and.b32 m, m, 0x33333333;", "prmt.b32 $0, $6, $6, m;",
+    "shr.b32 t, m, 16;", "prmt.b32 $1, $6, $6, t;", "}"])
+KERNEL_ASM = {"KA": KEY_ASM, "VA": value_asm()}  # the kernel's PTX parameters
 
 
 def centroid_words(table) -> tuple[int, int]:
@@ -67,44 +83,49 @@ def centroid_words(table) -> tuple[int, int]:
     return as_int32[0], as_int32[1]
 
 
+def int8_centroids(table) -> tuple[int, float]:
+    """(the four 2-bit centroids as int8 bytes of one int32 word, the value of one int8 step):
+    the step, among those putting the largest centroid at 64..127 steps, whose rounding
+    moves the centroids least relative to their size (about 1e-3 for TurboQuant's, far
+    below the int8 queries' rounding)."""
+    values = [float(v) for v in table]
+    top = max(abs(v) for v in values)
+    best = min((max(abs(v - round(v * n / top) * top / n) / max(abs(v), 1e-30) for v in values), n)
+               for n in range(64, 128))[1]
+    step = top / best
+    word = sum((round(v / step) & 0xFF) << (8 * i) for i, v in enumerate(values))
+    return (word - (1 << 32)) if word >= 1 << 31 else word, step
+
+
 def _jit(fn):
     return gluon.jit(fn) if gluon is not None else fn
 
 
 @_jit
-def _decode(codes, lo, hi, ASM: gl.constexpr):
-    """Float16 centroids of one field of ``codes`` (bytes): ``prmt_asm`` on four elements per call."""
-    lo_t = gl.full(codes.shape, lo, gl.int32, codes.type.layout)
-    hi_t = gl.full(codes.shape, hi, gl.int32, codes.type.layout)
-    return gl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r,r,r,r,r", [codes, lo_t, hi_t], dtype=gl.float16,
-                                     is_pure=True, pack=4)
+def _round_int8(x):
+    return gl.where(x >= 0.0, x + 0.5, x - 0.5).to(gl.int8)
 
 
 @_jit
-def _load_tile(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, offs_kn, offs_kb, offs_vn, offs_vb, offs_sn,
-               stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
-               stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_vnb: gl.constexpr, stride_vnt: gl.constexpr,
-               PAGE: gl.constexpr):
-    tok = start + offs_kn
-    ok = tok < kv_hi
-    block = gl.load(table_ptr + tok // PAGE, mask=ok, other=0).to(gl.int64)
-    krow = kc_head + block * stride_kcb + (tok % PAGE) * stride_kct
-    kb = gl.load(gl.expand_dims(krow, 0) + gl.expand_dims(offs_kb, 1), mask=gl.expand_dims(ok, 0), other=0)
-    tok_v = start + offs_vn
-    ok_v = tok_v < kv_hi
-    block_v = gl.load(table_ptr + tok_v // PAGE, mask=ok_v, other=0).to(gl.int64)
-    vrow = vc_head + block_v * stride_vcb + (tok_v % PAGE) * stride_vct
-    vb = gl.load(gl.expand_dims(vrow, 1) + gl.expand_dims(offs_vb, 0), mask=gl.expand_dims(ok_v, 1), other=0)
-    tok_s = start + offs_sn
-    ok_s = tok_s < kv_hi
-    block_s = gl.load(table_ptr + tok_s // PAGE, mask=ok_s, other=0).to(gl.int64)
-    kn = gl.load(kn_head + block_s * stride_knb + (tok_s % PAGE) * stride_knt, mask=ok_s, other=0.0).to(gl.float32)
-    vn = gl.load(vn_head + block_s * stride_vnb + (tok_s % PAGE) * stride_vnt, mask=ok_s, other=0.0).to(gl.float32)
-    return kb, vb, kn, vn, ok_s
+def _split_int8(x):
+    """``x`` in [-127, 127] as int8 ``hi, lo`` with ``x ~ hi + lo / 128`` (|lo| <= 64)."""
+    hi = _round_int8(x)
+    return hi, _round_int8((x - hi.to(gl.float32)) * 128.0)
 
 
 @_jit
-def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_lo, k_hi, v_lo, v_hi,
+def _load_query_operand(q_rows, q_ok, offs_r, OUT: gl.constexpr, FW: gl.constexpr):
+    """The query elements that ``KEY_ASM`` output ``OUT`` meets in the score product: column
+    r is shift ``h = r // FW``, word ``w = r % FW // 4``, byte ``i = r % 4`` of the output,
+    so dimension ``f * FW + 4 * w + b`` with ``b = 2 * OUT + i // 2``, ``f = h + 2 * (i % 2)``."""
+    i = gl.expand_dims(offs_r % 4, 0)
+    dims = (gl.expand_dims(offs_r // FW, 0) + 2 * (i % 2)) * FW + gl.expand_dims(4 * (offs_r % FW // 4), 0) + \
+        2 * OUT + i // 2
+    return gl.load(q_rows + dims, mask=q_ok, other=0.0)
+
+
+@_jit
+def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo, v_hi,
                      block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
                      num_kv_heads, score_scale, value_scale, tokens_per_split,
                      stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
@@ -113,20 +134,25 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                      stride_vcb: gl.constexpr, stride_vct: gl.constexpr, stride_vch: gl.constexpr,
                      stride_vnb: gl.constexpr, stride_vnt: gl.constexpr, stride_vnh: gl.constexpr,
                      GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     A0: gl.constexpr, A1: gl.constexpr, A2: gl.constexpr, A3: gl.constexpr,
-                     HAS_TAIL: gl.constexpr):
+                     KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr,
+                     RESCALE_SLACK: gl.constexpr = RESCALE_SLACK):
     """Grid: (sequences, KV heads x splits); one warp. Decode only (at most one query token
     per sequence, at its last position, every earlier key visible). ``HAS_TAIL``: keys
     that the exact tail holds for the query (position 0 and the latest ``tail_window``,
-    ``kernelplane.exact_tail``) are left to the tail's own launch. Writes the rotated partial outputs and base-2
-    log-sum-exp of its split in the layout of ``kernels.turboquant_attention_kernel``, so
-    ``kernels.combine_splits_kernel`` merges and de-rotates them. ``q_ptr``: queries already
-    rotated (float32). ``k_lo, k_hi`` / ``v_lo, v_hi``: the key / value centroids
-    (``centroid_words``); ``Ai``: the PTX decoding field i (``prmt_asm``)."""
-    FW: gl.constexpr = HEAD_DIM // 4
+    ``kernelplane.exact_tail``) are left to the tail's own launch. Writes the rotated partial
+    outputs and base-2 log-sum-exp of its split in the layout of
+    ``kernels.turboquant_attention_kernel``, so ``kernels.combine_splits_kernel`` merges and
+    de-rotates them. ``q_ptr``: queries already rotated (float32). ``kc_ptr``,
+    ``vc_ptr``: the code pages as 32-bit words (strides in words). ``k_int8, k_step``: the key
+    centroids as int8 (``int8_centroids``); ``v_lo, v_hi``: the value centroids
+    (``centroid_words``)."""
+    FW: gl.constexpr = HEAD_DIM // 4  # code bytes per row
+    WORDS: gl.constexpr = HEAD_DIM // 16  # code words per row
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    A8: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)  # int8 operands
+    B8: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=4)
     ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
     KEYS: gl.constexpr = gl.SliceLayout(0, MMA)
 
@@ -137,24 +163,28 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     token = gl.load(query_start_loc_ptr + seq)
     has_query = gl.load(query_start_loc_ptr + seq + 1) > token
 
+    # The queries as two int8 parts, ``q = (128 hi + lo) * q_max / (127 * 128)``: one int8 part
+    # alone (steps of q_max / 127) moved the scores of sharp heads by a few hundredths.
+    # Columns in the order of the decoded key operands.
     QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
                                         order=[1, 0])
     offs_qm = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
-    offs_qc = gl.arange(0, FW, layout=gl.SliceLayout(0, QL))
-    q_rows = q_ptr + token.to(gl.int64) * stride_qt + (kv_head * GROUP + offs_qm) * stride_qh
-    q_ok = gl.expand_dims(offs_qm < GROUP, 1)
-    q0 = gl.load(gl.expand_dims(q_rows, 1) + gl.expand_dims(offs_qc, 0), mask=q_ok, other=0.0)
-    q1 = gl.load(gl.expand_dims(q_rows, 1) + gl.expand_dims(FW + offs_qc, 0), mask=q_ok, other=0.0)
-    q2 = gl.load(gl.expand_dims(q_rows, 1) + gl.expand_dims(2 * FW + offs_qc, 0), mask=q_ok, other=0.0)
-    q3 = gl.load(gl.expand_dims(q_rows, 1) + gl.expand_dims(3 * FW + offs_qc, 0), mask=q_ok, other=0.0)
-    q_sq = gl.sum(q0 * q0, 1) + gl.sum(q1 * q1, 1) + gl.sum(q2 * q2, 1) + gl.sum(q3 * q3, 1)
-    q_norm = gl.sqrt(q_sq)
-    q_inv = gl.expand_dims(1.0 / gl.maximum(q_norm, 1e-30), 1)
-    q0 = gl.convert_layout((q0 * q_inv).to(gl.float16), A)
-    q1 = gl.convert_layout((q1 * q_inv).to(gl.float16), A)
-    q2 = gl.convert_layout((q2 * q_inv).to(gl.float16), A)
-    q3 = gl.convert_layout((q3 * q_inv).to(gl.float16), A)
-    row_scale = gl.expand_dims(gl.convert_layout(q_norm * score_scale, ROWS), 1)
+    offs_qr = gl.arange(0, 2 * FW, layout=gl.SliceLayout(0, QL))
+    q_rows = gl.expand_dims(q_ptr + token.to(gl.int64) * stride_qt + (kv_head * GROUP + offs_qm) * stride_qh, 1)
+    # (``| (token < 0)``, never true, keeps the padding rows from being known zeros: the
+    # compiler would share one zero register among the operands and copy them every step.)
+    q_ok = gl.expand_dims((offs_qm < GROUP) | (token < 0), 1)
+    q0 = _load_query_operand(q_rows, q_ok, offs_qr, 0, FW)
+    q1 = _load_query_operand(q_rows, q_ok, offs_qr, 1, FW)
+    q_max = gl.maximum(gl.max(gl.abs(q0), 1), gl.max(gl.abs(q1), 1))
+    to_int = gl.expand_dims(127.0 / gl.maximum(q_max, 1e-30), 1)
+    q0_hi, q0_lo = _split_int8(q0 * to_int)
+    q1_hi, q1_lo = _split_int8(q1 * to_int)
+    q0_hi = gl.convert_layout(q0_hi, A8)
+    q0_lo = gl.convert_layout(q0_lo, A8)
+    q1_hi = gl.convert_layout(q1_hi, A8)
+    q1_lo = gl.convert_layout(q1_lo, A8)
+    row_scale = gl.expand_dims(gl.convert_layout(q_max / (127.0 * 128.0) * k_step * score_scale, ROWS), 1)
 
     kv_lo = split * tokens_per_split
     kv_hi = gl.minimum(seq_len, kv_lo + tokens_per_split)
@@ -163,15 +193,31 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
         kv_hi = gl.minimum(kv_hi, gl.maximum(seq_len - tail_window, gl.maximum(seq_len - tail_capacity, 1)))
     kv_hi = gl.where(has_query, kv_hi, kv_lo)
 
+    # A step reads keys start .. start + BLOCK_N - 1 of one page: one block-table entry, and
+    # every address is that page's base plus an offset fixed for the whole loop. Keys past
+    # kv_hi in the step's page are read and masked (the page exists).
     table_ptr = block_tables_ptr + seq.to(gl.int64) * stride_bt
     kc_head = kc_ptr + kv_head.to(gl.int64) * stride_kch
     vc_head = vc_ptr + kv_head.to(gl.int64) * stride_vch
     kn_head = kn_ptr + kv_head.to(gl.int64) * stride_knh
     vn_head = vn_ptr + kv_head.to(gl.int64) * stride_vnh
-    offs_kn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, B))  # keys: columns of K^T
-    offs_kb = gl.arange(0, FW, layout=gl.SliceLayout(1, B))  # bytes: rows of K^T
+    # The key operand is K^T with each code row twice (2 FW rows), once per shift of
+    # KEY_ASM; each element loads the whole word holding its byte (the elements of a word
+    # share the load): the decoder takes words, and bytes would be unpacked and packed again.
+    offs_kn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, B8))
+    offs_kr = gl.arange(0, 2 * FW, layout=gl.SliceLayout(1, B8))
+    k_offsets = gl.expand_dims(offs_kn * stride_kct, 0) + gl.expand_dims(offs_kr % FW // 4, 1)
+    k_shift = gl.expand_dims(2 * (offs_kr // FW), 1) + gl.zeros([2 * FW, BLOCK_N], gl.int32, B8)
+    # The value operand's column r holds byte r // WORDS of word r % WORDS of each key
+    # row: its output column is dimension f * FW + 4 * (r % WORDS) + r // WORDS.
     offs_vn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, B))  # keys: rows of V
-    offs_vb = gl.arange(0, FW, layout=gl.SliceLayout(0, B))  # bytes: columns of V
+    offs_vr = gl.arange(0, FW, layout=gl.SliceLayout(0, B))
+    v_offsets = gl.expand_dims(offs_vn * stride_vct, 1) + gl.expand_dims(offs_vr % WORDS, 0)
+    byte_j = gl.expand_dims(offs_vr // WORDS, 0) + gl.zeros([BLOCK_N, FW], gl.int32, B)
+    v_gather = byte_j | ((4 + byte_j) << 4)
+    v_lo_t = gl.full([BLOCK_N, FW], v_lo, gl.int32, B)
+    v_hi_t = gl.full([BLOCK_N, FW], v_hi, gl.int32, B)
+    k_table = gl.full([2 * FW, BLOCK_N], k_int8, gl.int32, B8)
     offs_sn = gl.arange(0, BLOCK_N, layout=KEYS)
 
     acc0 = gl.zeros([16, FW], gl.float32, MMA)
@@ -180,44 +226,68 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     acc3 = gl.zeros([16, FW], gl.float32, MMA)
     m_i = gl.full([16], -1.0e30, gl.float32, ROWS)
     l_i = gl.zeros([16], gl.float32, ROWS)
-    # Software prefetch: the next tile's codes and norms are loaded before this tile is decoded.
-    kb, vb, kn, vn, ok_s = _load_tile(kv_lo, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, offs_kn, offs_kb,
-                                      offs_vn, offs_vb, offs_sn, stride_kcb, stride_kct, stride_vcb, stride_vct,
-                                      stride_knb, stride_knt, stride_vnb, stride_vnt, PAGE)
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        nkb, nvb, nkn, nvn, nok_s = _load_tile(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
-                                               offs_kn, offs_kb, offs_vn, offs_vb, offs_sn, stride_kcb, stride_kct,
-                                               stride_vcb, stride_vct, stride_knb, stride_knt, stride_vnb, stride_vnt,
-                                               PAGE)
-        s = gl.zeros([16, BLOCK_N], gl.float32, MMA)
-        s = mma_v2(q0, _decode(kb, k_lo, k_hi, A0), s)
-        s = mma_v2(q1, _decode(kb, k_lo, k_hi, A1), s)
-        s = mma_v2(q2, _decode(kb, k_lo, k_hi, A2), s)
-        s = mma_v2(q3, _decode(kb, k_lo, k_hi, A3), s)
-        s = s * gl.expand_dims(kn, 0) * row_scale
-        s = gl.where(gl.expand_dims(ok_s, 0), s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
+    start = kv_lo - kv_lo % BLOCK_N
+    # Software prefetch: the next step's codes and norms are loaded before this step decodes.
+    block = gl.load(table_ptr + start // PAGE, mask=start < kv_hi, other=0).to(gl.int64)
+    row = start % PAGE
+    kb = gl.load(kc_head + block * stride_kcb + row * stride_kct + k_offsets)
+    vw = gl.load(vc_head + block * stride_vcb + row * stride_vct + v_offsets)
+    kn = gl.load(kn_head + block * stride_knb + (row + offs_sn) * stride_knt)
+    vn = gl.load(vn_head + block * stride_vnb + (row + offs_sn) * stride_vnt)
+    for start in range(start, kv_hi, BLOCK_N):
+        nxt = start + BLOCK_N
+        block = gl.load(table_ptr + nxt // PAGE, mask=nxt < kv_hi, other=0).to(gl.int64)
+        row = nxt % PAGE
+        nkb = gl.load(kc_head + block * stride_kcb + row * stride_kct + k_offsets)
+        nvw = gl.load(vc_head + block * stride_vcb + row * stride_vct + v_offsets)
+        nkn = gl.load(kn_head + block * stride_knb + (row + offs_sn) * stride_knt)
+        nvn = gl.load(vn_head + block * stride_vnb + (row + offs_sn) * stride_vnt)
+
+        k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
+                                           dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+        s = mma_v2(q0_hi, k0, gl.zeros([16, BLOCK_N], gl.int32, MMA))
+        s = mma_v2(q1_hi, k1, s)
+        s = mma_v2(q0_lo, k0, s * 128)
+        s = mma_v2(q1_lo, k1, s)
+        tok = start + offs_sn
+        ok = (tok >= kv_lo) & (tok < kv_hi)
+        s = s.to(gl.float32) * gl.expand_dims(kn.to(gl.float32), 0) * row_scale
+        s = gl.where(gl.expand_dims(ok, 0), s, float("-inf"))
+        # The running maximum moves only when a row's scores exceed it by more than
+        # RESCALE_SLACK (then p <= 2^RESCALE_SLACK): in a decode step it settles after a few
+        # keys, and the accumulators are rescaled only in the steps where it moves.
+        m_tile = gl.max(s, 1)
+        m_new = gl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, 1)
+        if gl.max(m_new - m_i, 0) > 0.0:
+            rescale = gl.expand_dims(alpha, 1)
+            acc0 = acc0 * rescale
+            acc1 = acc1 * rescale
+            acc2 = acc2 * rescale
+            acc3 = acc3 * rescale
         m_i = m_new
-        p = gl.convert_layout((p * gl.expand_dims(vn * value_scale, 0)).to(gl.float16), A)
-        alpha = gl.expand_dims(alpha, 1)
-        acc0 = mma_v2(p, _decode(vb, v_lo, v_hi, A0), acc0 * alpha)
-        acc1 = mma_v2(p, _decode(vb, v_lo, v_hi, A1), acc1 * alpha)
-        acc2 = mma_v2(p, _decode(vb, v_lo, v_hi, A2), acc2 * alpha)
-        acc3 = mma_v2(p, _decode(vb, v_lo, v_hi, A3), acc3 * alpha)
-        kb, vb, kn, vn, ok_s = nkb, nvb, nkn, nvn, nok_s
+        weight = gl.where(ok, vn.to(gl.float32) * value_scale, 0.0)  # masked norms may be any bits
+        p = gl.convert_layout((p * gl.expand_dims(weight, 0)).to(gl.float16), A)
+        v0, v1, v2, v3 = gl.inline_asm_elementwise(
+            VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_lo_t, v_hi_t],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
+        acc0 = mma_v2(p, v0, acc0)
+        acc1 = mma_v2(p, v1, acc1)
+        acc2 = mma_v2(p, v2, acc2)
+        acc3 = mma_v2(p, v3, acc3)
+        kb, vw, kn, vn = nkb, nvw, nkn, nvn
 
     seen = l_i > 0.0
     inv_l = gl.expand_dims(1.0 / gl.where(seen, l_i, 1.0), 1)
     offs_om = gl.arange(0, 16, layout=ROWS)
-    offs_of = gl.arange(0, FW, layout=KEYS)
+    offs_or = gl.arange(0, FW, layout=KEYS)
     head = kv_head * GROUP + offs_om
     row_ok = (offs_om < GROUP) & has_query
     o_ok = gl.expand_dims(row_ok, 1)
     parts = gl.expand_dims(part_ptr + token.to(gl.int64) * stride_pt + head * stride_ph + split * stride_ps, 1) + \
-        gl.expand_dims(offs_of, 0)
+        gl.expand_dims(4 * (offs_or % WORDS) + offs_or // WORDS, 0)
     gl.store(parts, acc0 * inv_l, mask=o_ok)
     gl.store(parts + FW, acc1 * inv_l, mask=o_ok)
     gl.store(parts + 2 * FW, acc2 * inv_l, mask=o_ok)
