@@ -192,7 +192,7 @@ def test_plan_takes_the_gluon_kernel_for_large_two_bit_decode_batches():
             backend.plan(big, bits=2, gluon=True)
     backend.gluon_unavailable = None  # as on an H100
     plan = backend.plan(big, bits=2)
-    assert plan.gluon and plan.block_n == 16 and plan.splits * plan.tokens_per_split >= 4096
+    assert plan.gluon and plan.block_n == 32 and plan.splits * plan.tokens_per_split >= 4096
     assert not backend.plan(small, bits=2).gluon
     one_long = AttentionMetadata.build([1], [32768], [list(range(2048))], 16)
     assert backend.plan(one_long, bits=2).gluon

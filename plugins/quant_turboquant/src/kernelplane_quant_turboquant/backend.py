@@ -109,8 +109,8 @@ class TurboQuantAttention:
             return "head dims must be 64 or 128 (both), causal, without a sliding window"
         if self.group > 16:
             return f"at most 16 query heads per KV head, got {self.group}"
-        if req.block_size % gluon_decode.BLOCK_N:
-            return f"pages must hold a multiple of {gluon_decode.BLOCK_N} tokens, got {req.block_size}"
+        if req.block_size % gluon_decode.PAGE_MULTIPLE:
+            return f"pages must hold a multiple of {gluon_decode.PAGE_MULTIPLE} tokens, got {req.block_size}"
         return None
 
     # ---- planning -------------------------------------------------------

@@ -38,7 +38,8 @@ try:
 except ImportError:  # a Triton without Gluon: the backend never plans this kernel
     gluon = None
 
-BLOCK_N = 16  # keys per step: a step reads one page (pages are a multiple of 16 tokens long)
+BLOCK_N = 32  # keys per step: two reads of BLOCK_N / 2 keys, each from one page
+PAGE_MULTIPLE = BLOCK_N // 2  # so pages must hold a multiple of this many tokens
 PROGRAMS_PER_SM = 32  # one-warp programs
 RESCALE_SLACK = 8.0  # base-2 log: softmax weights up to 256 before the running maximum moves
 
@@ -125,6 +126,52 @@ def _load_query_operand(q_rows, q_ok, offs_r, OUT: gl.constexpr, FW: gl.constexp
 
 
 @_jit
+def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_sn,
+               stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
+               stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_vnb: gl.constexpr, stride_vnt: gl.constexpr,
+               PAGE: gl.constexpr):
+    """Codes and norms of keys ``start ..`` (half a step, one page): one block-table entry,
+    every address that page's base plus an offset fixed for the whole loop. Keys past
+    ``kv_hi`` in the page are read and masked later (the page exists); past the sequence's
+    pages, block 0 is read instead."""
+    block = gl.load(table_ptr + start // PAGE, mask=start < kv_hi, other=0).to(gl.int64)
+    row = start % PAGE
+    kb = gl.load(kc_head + block * stride_kcb + row * stride_kct + k_offsets)
+    vw = gl.load(vc_head + block * stride_vcb + row * stride_vct + v_offsets)
+    kn = gl.load(kn_head + block * stride_knb + (row + offs_sn) * stride_knt)
+    vn = gl.load(vn_head + block * stride_vnb + (row + offs_sn) * stride_vnt)
+    return kb, vw, kn, vn
+
+
+@_jit
+def _scores(kb, kn, start, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_shift, row_scale, offs_sn,
+            KA: gl.constexpr, MMA: gl.constexpr):
+    """Base-2 scaled scores of half a step's keys, -inf outside ``kv_lo .. kv_hi - 1``; and that mask."""
+    k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
+                                       dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+    s = mma_v2(q0_hi, k0, gl.zeros([16, kn.shape[0]], gl.int32, MMA))
+    s = mma_v2(q1_hi, k1, s)
+    s = mma_v2(q0_lo, k0, s * 128)
+    s = mma_v2(q1_lo, k1, s)
+    tok = start + offs_sn
+    ok = (tok >= kv_lo) & (tok < kv_hi)
+    s = s.to(gl.float32) * gl.expand_dims(kn.to(gl.float32), 0) * row_scale
+    return gl.where(gl.expand_dims(ok, 0), s, float("-inf")), ok
+
+
+@_jit
+def _add_values(p, vn, ok, vw, v_gather, v_lo_t, v_hi_t, value_scale, acc0, acc1, acc2, acc3,
+                VA: gl.constexpr, A: gl.constexpr):
+    """The accumulators plus ``p`` (softmax weights of half a step's keys) times their values."""
+    weight = gl.where(ok, vn.to(gl.float32) * value_scale, 0.0)  # masked norms may be any bits
+    p = gl.convert_layout((p * gl.expand_dims(weight, 0)).to(gl.float16), A)
+    v0, v1, v2, v3 = gl.inline_asm_elementwise(
+        VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_lo_t, v_hi_t],
+        dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
+    return mma_v2(p, v0, acc0), mma_v2(p, v1, acc1), mma_v2(p, v2, acc2), mma_v2(p, v3, acc3)
+
+
+@_jit
 def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo, v_hi,
                      block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
                      num_kv_heads, score_scale, value_scale, tokens_per_split,
@@ -146,6 +193,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     ``vc_ptr``: the code pages as 32-bit words (strides in words). ``k_int8, k_step``: the key
     centroids as int8 (``int8_centroids``); ``v_lo, v_hi``: the value centroids
     (``centroid_words``)."""
+    HALF: gl.constexpr = BLOCK_N // 2
     FW: gl.constexpr = HEAD_DIM // 4  # code bytes per row
     WORDS: gl.constexpr = HEAD_DIM // 16  # code words per row
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
@@ -193,9 +241,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
         kv_hi = gl.minimum(kv_hi, gl.maximum(seq_len - tail_window, gl.maximum(seq_len - tail_capacity, 1)))
     kv_hi = gl.where(has_query, kv_hi, kv_lo)
 
-    # A step reads keys start .. start + BLOCK_N - 1 of one page: one block-table entry, and
-    # every address is that page's base plus an offset fixed for the whole loop. Keys past
-    # kv_hi in the step's page are read and masked (the page exists).
+    # A step reads two runs of HALF keys, each from one page.
     table_ptr = block_tables_ptr + seq.to(gl.int64) * stride_bt
     kc_head = kc_ptr + kv_head.to(gl.int64) * stride_kch
     vc_head = vc_ptr + kv_head.to(gl.int64) * stride_vch
@@ -204,21 +250,21 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     # The key operand is K^T with each code row twice (2 FW rows), once per shift of
     # KEY_ASM; each element loads the whole word holding its byte (the elements of a word
     # share the load): the decoder takes words, and bytes would be unpacked and packed again.
-    offs_kn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, B8))
+    offs_kn = gl.arange(0, HALF, layout=gl.SliceLayout(0, B8))
     offs_kr = gl.arange(0, 2 * FW, layout=gl.SliceLayout(1, B8))
     k_offsets = gl.expand_dims(offs_kn * stride_kct, 0) + gl.expand_dims(offs_kr % FW // 4, 1)
-    k_shift = gl.expand_dims(2 * (offs_kr // FW), 1) + gl.zeros([2 * FW, BLOCK_N], gl.int32, B8)
+    k_shift = gl.expand_dims(2 * (offs_kr // FW), 1) + gl.zeros([2 * FW, HALF], gl.int32, B8)
     # The value operand's column r holds byte r // WORDS of word r % WORDS of each key
     # row: its output column is dimension f * FW + 4 * (r % WORDS) + r // WORDS.
-    offs_vn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, B))  # keys: rows of V
+    offs_vn = gl.arange(0, HALF, layout=gl.SliceLayout(1, B))  # keys: rows of V
     offs_vr = gl.arange(0, FW, layout=gl.SliceLayout(0, B))
     v_offsets = gl.expand_dims(offs_vn * stride_vct, 1) + gl.expand_dims(offs_vr % WORDS, 0)
-    byte_j = gl.expand_dims(offs_vr // WORDS, 0) + gl.zeros([BLOCK_N, FW], gl.int32, B)
+    byte_j = gl.expand_dims(offs_vr // WORDS, 0) + gl.zeros([HALF, FW], gl.int32, B)
     v_gather = byte_j | ((4 + byte_j) << 4)
-    v_lo_t = gl.full([BLOCK_N, FW], v_lo, gl.int32, B)
-    v_hi_t = gl.full([BLOCK_N, FW], v_hi, gl.int32, B)
-    k_table = gl.full([2 * FW, BLOCK_N], k_int8, gl.int32, B8)
-    offs_sn = gl.arange(0, BLOCK_N, layout=KEYS)
+    v_lo_t = gl.full([HALF, FW], v_lo, gl.int32, B)
+    v_hi_t = gl.full([HALF, FW], v_hi, gl.int32, B)
+    k_table = gl.full([2 * FW, HALF], k_int8, gl.int32, B8)
+    offs_sn = gl.arange(0, HALF, layout=KEYS)
 
     acc0 = gl.zeros([16, FW], gl.float32, MMA)
     acc1 = gl.zeros([16, FW], gl.float32, MMA)
@@ -228,39 +274,34 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     l_i = gl.zeros([16], gl.float32, ROWS)
     start = kv_lo - kv_lo % BLOCK_N
     # Software prefetch: the next step's codes and norms are loaded before this step decodes.
-    block = gl.load(table_ptr + start // PAGE, mask=start < kv_hi, other=0).to(gl.int64)
-    row = start % PAGE
-    kb = gl.load(kc_head + block * stride_kcb + row * stride_kct + k_offsets)
-    vw = gl.load(vc_head + block * stride_vcb + row * stride_vct + v_offsets)
-    kn = gl.load(kn_head + block * stride_knb + (row + offs_sn) * stride_knt)
-    vn = gl.load(vn_head + block * stride_vnb + (row + offs_sn) * stride_vnt)
+    kb_a, vw_a, kn_a, vn_a = _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets,
+                                        v_offsets, offs_sn, stride_kcb, stride_kct, stride_vcb, stride_vct,
+                                        stride_knb, stride_knt, stride_vnb, stride_vnt, PAGE)
+    kb_b, vw_b, kn_b, vn_b = _load_keys(start + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
+                                        k_offsets, v_offsets, offs_sn, stride_kcb, stride_kct, stride_vcb,
+                                        stride_vct, stride_knb, stride_knt, stride_vnb, stride_vnt, PAGE)
     for start in range(start, kv_hi, BLOCK_N):
-        nxt = start + BLOCK_N
-        block = gl.load(table_ptr + nxt // PAGE, mask=nxt < kv_hi, other=0).to(gl.int64)
-        row = nxt % PAGE
-        nkb = gl.load(kc_head + block * stride_kcb + row * stride_kct + k_offsets)
-        nvw = gl.load(vc_head + block * stride_vcb + row * stride_vct + v_offsets)
-        nkn = gl.load(kn_head + block * stride_knb + (row + offs_sn) * stride_knt)
-        nvn = gl.load(vn_head + block * stride_vnb + (row + offs_sn) * stride_vnt)
-
-        k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
-                                           dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
-        s = mma_v2(q0_hi, k0, gl.zeros([16, BLOCK_N], gl.int32, MMA))
-        s = mma_v2(q1_hi, k1, s)
-        s = mma_v2(q0_lo, k0, s * 128)
-        s = mma_v2(q1_lo, k1, s)
-        tok = start + offs_sn
-        ok = (tok >= kv_lo) & (tok < kv_hi)
-        s = s.to(gl.float32) * gl.expand_dims(kn.to(gl.float32), 0) * row_scale
-        s = gl.where(gl.expand_dims(ok, 0), s, float("-inf"))
+        nkb_a, nvw_a, nkn_a, nvn_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head,
+                                                vn_head, k_offsets, v_offsets, offs_sn, stride_kcb, stride_kct,
+                                                stride_vcb, stride_vct, stride_knb, stride_knt, stride_vnb,
+                                                stride_vnt, PAGE)
+        nkb_b, nvw_b, nkn_b, nvn_b = _load_keys(start + BLOCK_N + HALF, kv_hi, table_ptr, kc_head, vc_head,
+                                                kn_head, vn_head, k_offsets, v_offsets, offs_sn, stride_kcb,
+                                                stride_kct, stride_vcb, stride_vct, stride_knb, stride_knt,
+                                                stride_vnb, stride_vnt, PAGE)
+        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_shift,
+                            row_scale, offs_sn, KA, MMA)
+        s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_shift,
+                            row_scale, offs_sn, KA, MMA)
         # The running maximum moves only when a row's scores exceed it by more than
         # RESCALE_SLACK (then p <= 2^RESCALE_SLACK): in a decode step it settles after a few
         # keys, and the accumulators are rescaled only in the steps where it moves.
-        m_tile = gl.max(s, 1)
+        m_tile = gl.maximum(gl.max(s_a, 1), gl.max(s_b, 1))
         m_new = gl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
+        p_a = gl.exp2(s_a - gl.expand_dims(m_new, 1))
+        p_b = gl.exp2(s_b - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p_a, 1) + gl.sum(p_b, 1)
         if gl.max(m_new - m_i, 0) > 0.0:
             rescale = gl.expand_dims(alpha, 1)
             acc0 = acc0 * rescale
@@ -268,16 +309,12 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
             acc2 = acc2 * rescale
             acc3 = acc3 * rescale
         m_i = m_new
-        weight = gl.where(ok, vn.to(gl.float32) * value_scale, 0.0)  # masked norms may be any bits
-        p = gl.convert_layout((p * gl.expand_dims(weight, 0)).to(gl.float16), A)
-        v0, v1, v2, v3 = gl.inline_asm_elementwise(
-            VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_lo_t, v_hi_t],
-            dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
-        acc0 = mma_v2(p, v0, acc0)
-        acc1 = mma_v2(p, v1, acc1)
-        acc2 = mma_v2(p, v2, acc2)
-        acc3 = mma_v2(p, v3, acc3)
-        kb, vw, kn, vn = nkb, nvw, nkn, nvn
+        acc0, acc1, acc2, acc3 = _add_values(p_a, vn_a, ok_a, vw_a, v_gather, v_lo_t, v_hi_t, value_scale,
+                                             acc0, acc1, acc2, acc3, VA, A)
+        acc0, acc1, acc2, acc3 = _add_values(p_b, vn_b, ok_b, vw_b, v_gather, v_lo_t, v_hi_t, value_scale,
+                                             acc0, acc1, acc2, acc3, VA, A)
+        kb_a, vw_a, kn_a, vn_a = nkb_a, nvw_a, nkn_a, nvn_a
+        kb_b, vw_b, kn_b, vn_b = nkb_b, nvw_b, nkn_b, nvn_b
 
     seen = l_i > 0.0
     inv_l = gl.expand_dims(1.0 / gl.where(seen, l_i, 1.0), 1)
