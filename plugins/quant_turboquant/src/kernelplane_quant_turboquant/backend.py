@@ -107,8 +107,8 @@ class TurboQuantAttention:
             return "decodes to float16: not for float32 queries"
         if req.head_dim not in (64, 128) or req.v_dim != req.head_dim or req.sliding_window is not None or not req.causal:
             return "head dims must be 64 or 128 (both), causal, without a sliding window"
-        if self.group > 16:
-            return f"at most 16 query heads per KV head, got {self.group}"
+        if self.group > 8:
+            return f"at most 8 query heads per KV head, got {self.group}"
         if req.block_size % gluon_decode.PAGE_MULTIPLE:
             return f"pages must hold a multiple of {gluon_decode.PAGE_MULTIPLE} tokens, got {req.block_size}"
         return None

@@ -45,16 +45,17 @@ RESCALE_SLACK = 8.0  # base-2 log: softmax weights up to 256 before the running 
 
 
 def value_asm() -> str:
-    """PTX decoding byte ``j`` of four keys' value words into their four fields' float16
-    centroids. Inputs: ``$8..$11`` the four keys' words (elements 0..3), ``$12`` the byte
-    gather selector ``j | (4 + j) << 4``, ``$16`` and ``$20`` the four centroids in code
-    order as float16 bits (``centroid_words``). Outputs ``$2f, $2f+1``: field ``f`` of
-    the four keys (element 0 in the low half). Three ``prmt`` gather byte ``j`` of the
-    four words into one register; then a field's two bits of bytes 0 and 1 become ``prmt``
-    byte selectors ``2c, 2c + 1`` for each code ``c`` in one multiply-add (``c * 0x22 +
-    0x1010`` on ``c0 | c1 << 8``; ``prmt`` reads only the low 16 bits of its selector)."""
-    lines = ["{", ".reg .b32 x, y, u, s0, s1;", "prmt.b32 x, $8, $9, $12;", "prmt.b32 y, $10, $11, $12;",
-             "prmt.b32 x, x, y, 0x5410;"]
+    """PTX decoding two keys' value words into the four fields' float16 centroids of two
+    bytes. Inputs: ``$8, $9`` the two keys' words (elements 0 and 1; elements 2 and 3
+    repeat them), ``$12`` the gather selector ``j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12``
+    for bytes ``j0`` (elements 0, 1) and ``j1`` (elements 2, 3); ``$16`` and ``$20`` the
+    four centroids in code order as float16 bits (``centroid_words``). Outputs ``$2f`` /
+    ``$2f+1``: field ``f`` of byte ``j0`` / ``j1`` of the two keys (the first key in the low
+    half). One ``prmt`` gathers the four bytes into one register; then a field's two bits of
+    bytes 0 and 1 become ``prmt`` byte selectors ``2c, 2c + 1`` for each code ``c`` in one
+    multiply-add (``c * 0x22 + 0x1010`` on ``c0 | c1 << 8``; ``prmt`` reads only the low
+    16 bits of its selector)."""
+    lines = ["{", ".reg .b32 x, u, s0, s1;", "prmt.b32 x, $8, $9, $12;"]
     for f in range(4):
         lines.append(f"shr.b32 u, x, {2 * f};" if f else "mov.b32 u, x;")
         lines += ["and.b32 u, u, 0x03030303;", "mad.lo.u32 s0, u, 0x22, 0x1010;", "shr.b32 s1, u, 16;",
@@ -126,6 +127,13 @@ def _load_query_operand(q_rows, q_ok, offs_r, OUT: gl.constexpr, FW: gl.constexp
 
 
 @_jit
+def _first_eight(x, layout: gl.constexpr):
+    """Elements 0..7 of a 16-vector (the group's heads), in ``layout``."""
+    first, _ = gl.split(gl.permute(gl.reshape(x, [2, 8]), [1, 0]))
+    return gl.convert_layout(first, layout)
+
+
+@_jit
 def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_sn,
                stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
                stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_vnb: gl.constexpr, stride_vnt: gl.constexpr,
@@ -161,14 +169,20 @@ def _scores(kb, kn, start, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_
 
 @_jit
 def _add_values(p, vn, ok, vw, v_gather, v_lo_t, v_hi_t, value_scale, acc0, acc1, acc2, acc3,
-                VA: gl.constexpr, A: gl.constexpr):
-    """The accumulators plus ``p`` (softmax weights of half a step's keys) times their values."""
+                VA: gl.constexpr, B: gl.constexpr):
+    """The accumulators (``O^T``: dimensions x the group's heads) plus the values of half a
+    step's keys times ``p`` (their softmax weights, heads x keys): ``O^T += V^T P^T``. ``P^T``
+    is the first 8 rows of ``p`` (the group's heads), transposed: in ``p``'s registers,
+    the layout the product takes as its right operand."""
     weight = gl.where(ok, vn.to(gl.float32) * value_scale, 0.0)  # masked norms may be any bits
-    p = gl.convert_layout((p * gl.expand_dims(weight, 0)).to(gl.float16), A)
+    p = (p * gl.expand_dims(weight, 0)).to(gl.float16)
+    p = gl.reshape(gl.permute(p, [1, 0]), [p.shape[1], 2, 8])
+    p_t, _ = gl.split(gl.permute(p, [0, 2, 1]))
+    p_t = gl.convert_layout(p_t, B)
     v0, v1, v2, v3 = gl.inline_asm_elementwise(
         VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_lo_t, v_hi_t],
         dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
-    return mma_v2(p, v0, acc0), mma_v2(p, v1, acc1), mma_v2(p, v2, acc2), mma_v2(p, v3, acc3)
+    return mma_v2(v0, p_t, acc0), mma_v2(v1, p_t, acc1), mma_v2(v2, p_t, acc2), mma_v2(v3, p_t, acc3)
 
 
 @_jit
@@ -254,22 +268,25 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     offs_kr = gl.arange(0, 2 * FW, layout=gl.SliceLayout(1, B8))
     k_offsets = gl.expand_dims(offs_kn * stride_kct, 0) + gl.expand_dims(offs_kr % FW // 4, 1)
     k_shift = gl.expand_dims(2 * (offs_kr // FW), 1) + gl.zeros([2 * FW, HALF], gl.int32, B8)
-    # The value operand's column r holds byte r // WORDS of word r % WORDS of each key
-    # row: its output column is dimension f * FW + 4 * (r % WORDS) + r // WORDS.
-    offs_vn = gl.arange(0, HALF, layout=gl.SliceLayout(1, B))  # keys: rows of V
-    offs_vr = gl.arange(0, FW, layout=gl.SliceLayout(0, B))
-    v_offsets = gl.expand_dims(offs_vn * stride_vct, 1) + gl.expand_dims(offs_vr % WORDS, 0)
-    byte_j = gl.expand_dims(offs_vr // WORDS, 0) + gl.zeros([HALF, FW], gl.int32, B)
-    v_gather = byte_j | ((4 + byte_j) << 4)
-    v_lo_t = gl.full([HALF, FW], v_lo, gl.int32, B)
-    v_hi_t = gl.full([HALF, FW], v_hi, gl.int32, B)
+    # The value operand V^T's row m holds byte m // WORDS of word m % WORDS of each key row:
+    # its output row is dimension f * FW + 4 * (m % WORDS) + m // WORDS. A thread's elements
+    # pair rows m and m + 8 (the same word) for two neighbouring keys.
+    offs_vm = gl.arange(0, FW, layout=gl.SliceLayout(1, A))
+    offs_vn = gl.arange(0, HALF, layout=gl.SliceLayout(0, A))  # keys: columns of V^T
+    v_offsets = gl.expand_dims(offs_vn * stride_vct, 0) + gl.expand_dims(offs_vm % WORDS, 1)
+    byte_lo = (offs_vm % 16) % 8 // WORDS + 16 // WORDS * (offs_vm // 16)  # the byte of row m with m % 16 < 8
+    byte_hi = byte_lo + 8 // WORDS
+    v_gather = gl.expand_dims(byte_lo | (4 + byte_lo) << 4 | byte_hi << 8 | (4 + byte_hi) << 12, 1) + \
+        gl.zeros([FW, HALF], gl.int32, A)
+    v_lo_t = gl.full([FW, HALF], v_lo, gl.int32, A)
+    v_hi_t = gl.full([FW, HALF], v_hi, gl.int32, A)
     k_table = gl.full([2 * FW, HALF], k_int8, gl.int32, B8)
     offs_sn = gl.arange(0, HALF, layout=KEYS)
 
-    acc0 = gl.zeros([16, FW], gl.float32, MMA)
-    acc1 = gl.zeros([16, FW], gl.float32, MMA)
-    acc2 = gl.zeros([16, FW], gl.float32, MMA)
-    acc3 = gl.zeros([16, FW], gl.float32, MMA)
+    acc0 = gl.zeros([FW, 8], gl.float32, MMA)  # O^T of field 0: dimensions x heads
+    acc1 = gl.zeros([FW, 8], gl.float32, MMA)
+    acc2 = gl.zeros([FW, 8], gl.float32, MMA)
+    acc3 = gl.zeros([FW, 8], gl.float32, MMA)
     m_i = gl.full([16], -1.0e30, gl.float32, ROWS)
     l_i = gl.zeros([16], gl.float32, ROWS)
     start = kv_lo - kv_lo % BLOCK_N
@@ -303,31 +320,32 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
         p_b = gl.exp2(s_b - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p_a, 1) + gl.sum(p_b, 1)
         if gl.max(m_new - m_i, 0) > 0.0:
-            rescale = gl.expand_dims(alpha, 1)
+            rescale = gl.expand_dims(_first_eight(alpha, KEYS), 0)
             acc0 = acc0 * rescale
             acc1 = acc1 * rescale
             acc2 = acc2 * rescale
             acc3 = acc3 * rescale
         m_i = m_new
         acc0, acc1, acc2, acc3 = _add_values(p_a, vn_a, ok_a, vw_a, v_gather, v_lo_t, v_hi_t, value_scale,
-                                             acc0, acc1, acc2, acc3, VA, A)
+                                             acc0, acc1, acc2, acc3, VA, B)
         acc0, acc1, acc2, acc3 = _add_values(p_b, vn_b, ok_b, vw_b, v_gather, v_lo_t, v_hi_t, value_scale,
-                                             acc0, acc1, acc2, acc3, VA, A)
+                                             acc0, acc1, acc2, acc3, VA, B)
         kb_a, vw_a, kn_a, vn_a = nkb_a, nvw_a, nkn_a, nvn_a
         kb_b, vw_b, kn_b, vn_b = nkb_b, nvw_b, nkn_b, nvn_b
 
     seen = l_i > 0.0
-    inv_l = gl.expand_dims(1.0 / gl.where(seen, l_i, 1.0), 1)
+    lse = gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf"))
     offs_om = gl.arange(0, 16, layout=ROWS)
-    offs_or = gl.arange(0, FW, layout=KEYS)
     head = kv_head * GROUP + offs_om
     row_ok = (offs_om < GROUP) & has_query
-    o_ok = gl.expand_dims(row_ok, 1)
-    parts = gl.expand_dims(part_ptr + token.to(gl.int64) * stride_pt + head * stride_ph + split * stride_ps, 1) + \
-        gl.expand_dims(4 * (offs_or % WORDS) + offs_or // WORDS, 0)
+    gl.store(lse_ptr + token.to(gl.int64) * stride_lt + head * stride_lh + split, lse, mask=row_ok)
+    inv_l = gl.expand_dims(_first_eight(1.0 / gl.where(seen, l_i, 1.0), KEYS), 0)
+    offs_oh = gl.arange(0, 8, layout=KEYS)
+    offs_om = gl.arange(0, FW, layout=ROWS)
+    o_ok = gl.expand_dims((offs_oh < GROUP) & has_query, 0)
+    parts = gl.expand_dims(part_ptr + token.to(gl.int64) * stride_pt + (kv_head * GROUP + offs_oh) * stride_ph +
+                           split * stride_ps, 0) + gl.expand_dims(4 * (offs_om % WORDS) + offs_om // WORDS, 1)
     gl.store(parts, acc0 * inv_l, mask=o_ok)
     gl.store(parts + FW, acc1 * inv_l, mask=o_ok)
     gl.store(parts + 2 * FW, acc2 * inv_l, mask=o_ok)
     gl.store(parts + 3 * FW, acc3 * inv_l, mask=o_ok)
-    lse = gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf"))
-    gl.store(lse_ptr + token.to(gl.int64) * stride_lt + head * stride_lh + split, lse, mask=row_ok)
