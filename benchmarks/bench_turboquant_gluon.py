@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-PROGRAMS_PER_SM = (24, 32, 40)
+# Gluon plans timed: (programs per SM, register cap per thread).
+VARIANTS = ((24, 168), (32, 168), (48, 168), (32, 200), (32, 128))
 SHAPES = [(1, 4096), (16, 4096), (1, 32768), (4, 32768), (8, 32768), (16, 32768), (16, 131072)]
 
 
@@ -91,18 +92,18 @@ def main() -> int:
     query = torch.randn(len(lens), hq, dim, device=device, dtype=torch.bfloat16)
     ref = ReferenceAttention(request).forward(query.float(), pages, meta)
     errors = {"Triton": bt.rel_err(backend.forward(query, pages, meta, backend.plan(meta, bits=2, gluon=False)), ref)}
-    for per_sm in PROGRAMS_PER_SM:
-        plan = backend.plan(meta, bits=2, gluon=True, programs_per_sm=per_sm)
-        errors[f"Gluon {per_sm}/SM"] = bt.rel_err(backend.forward(query, pages, meta, plan), ref)
+    for per_sm, regs in VARIANTS:
+        plan = backend.plan(meta, bits=2, gluon=True, programs_per_sm=per_sm, max_registers=regs)
+        errors[f"Gluon {per_sm}/SM {regs} registers"] = bt.rel_err(backend.forward(query, pages, meta, plan), ref)
     print("relative error against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     del pages
     if max(errors.values()) > 5e-3:
         print("a kernel disagrees with the reference: no timing")
         return 1
 
-    heads = " | ".join(f"Gluon {p}/SM µs" for p in PROGRAMS_PER_SM)
+    heads = " | ".join(f"Gluon {p}/SM, {r} regs, µs" for p, r in VARIANTS)
     print(f"\n| B | L | SDPA bf16 µs | Triton µs | {heads} | backend's choice | best Gluon vs SDPA | vs Triton |")
-    print("|---|---|---|---|" + "---|" * len(PROGRAMS_PER_SM) + "---|---|---|")
+    print("|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|---|")
     for batch, ctx in SHAPES:
         sdpa = bt.time_sdpa(batch, ctx, device)
         metas, blocks = bt.decode_sets(batch, ctx, quantizer.bytes_per_token(hkv, dim, dim), device, gen)
@@ -114,7 +115,7 @@ def main() -> int:
             return bt.time_graph([lambda m=m, p=p: backend.forward(q, pages, m, plan=p) for m, p in zip(metas, plans)])
 
         triton_t = timed(gluon=False)
-        ours = [timed(gluon=True, programs_per_sm=p) for p in PROGRAMS_PER_SM]
+        ours = [timed(gluon=True, programs_per_sm=p, max_registers=r) for p, r in VARIANTS]
         choice = "Gluon" if backend.plan(metas[0], bits=2).gluon else "Triton"
         best = min(ours)
         print(f"| {batch} | {ctx} | {sdpa * 1e6:.1f} | {triton_t * 1e6:.1f} | "
@@ -138,8 +139,10 @@ def smollm2_with_tail(bt, gen) -> None:
                                                       dtype="bfloat16")).implementation
     backend = select("attention", request, override="turboquant").implementation
     print(f"\nSmolLM2 shape (Hq {hq} / Hkv {hkv}, head dim {dim}), exact tail {tail}, µs")
-    print("| B | L | Triton, tail in its last split | Triton, tail by a second launch | Gluon, tail by a second launch "
-          "| backend's choice |\n|---|---|---|---|---|---|")
+    gluon_variants = ((32, 168), (32, 128), (64, 128))
+    print("| B | L | Triton, tail in its last split | Triton, tail by a second launch | "
+          + " | ".join(f"Gluon {p}/SM, {r} regs" for p, r in gluon_variants)
+          + " | backend's choice |\n|---|---|---|---|" + "---|" * len(gluon_variants))
     for batch, ctx in [(64, 1536), (64, 4096), (128, 1536)]:
         tables, used = bt.tables_for([ctx] * batch, 16, 0, gen)
         pages = quantizer.allocate(used, 16, hkv, dim, dim, "cuda")
@@ -151,7 +154,8 @@ def smollm2_with_tail(bt, gen) -> None:
         meta = AttentionMetadata.build([1] * batch, [ctx] * batch, tables, 16, "cuda", seq_slots=list(range(batch)))
         q = torch.randn(batch, hq, dim, device="cuda", dtype=torch.bfloat16)
         times = []
-        for plan_kw in (dict(gluon=False), dict(gluon=False, separate_tail=True), dict(gluon=True)):
+        for plan_kw in (dict(gluon=False), dict(gluon=False, separate_tail=True),
+                        *(dict(gluon=True, programs_per_sm=p, max_registers=r) for p, r in gluon_variants)):
             plan = backend.plan(meta, bits=2, **plan_kw)
             times.append(bt.time_graph([lambda p=plan: backend.forward(q, pages, meta, plan=p)]))
         choice = "Gluon" if backend.plan(meta, bits=2).gluon else "Triton"

@@ -134,18 +134,18 @@ def test_gluon_key_decoder_and_query_order():
                 assert _signed_byte(regs[f"${out}"], i) == centroid[codes[dim]]
 
 
-def test_gluon_value_decoder_gathers_one_byte_of_four_keys():
+def test_gluon_value_decoder_pairs_two_keys_for_two_bytes():
     table = TurboQuantCodec(2, 128, seed=1).table
     lo, hi = gluon_decode.centroid_words(table.tolist())
     rng = random.Random(8)
     asm = gluon_decode.value_asm()
     for _ in range(200):
-        words, j = [rng.getrandbits(32) for _ in range(4)], rng.randrange(4)
-        regs = run_ptx(asm, {"$8": words[0], "$9": words[1], "$10": words[2], "$11": words[3],
-                             "$12": j | (4 + j) << 4, "$16": lo & MASK, "$20": hi & MASK})
+        words, j0, j1 = [rng.getrandbits(32) for _ in range(2)], rng.randrange(4), rng.randrange(4)
+        regs = run_ptx(asm, {"$8": words[0], "$9": words[1], "$12": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12,
+                             "$16": lo & MASK, "$20": hi & MASK})
         for f in range(4):
-            got = [_half(regs[f"${2 * f}"] & 0xFFFF), _half(regs[f"${2 * f}"] >> 16),
-                   _half(regs[f"${2 * f + 1}"] & 0xFFFF), _half(regs[f"${2 * f + 1}"] >> 16)]
-            for key in range(4):
-                code = (words[key] >> (8 * j + 2 * f)) & 3
-                assert got[key] == float(table[code].half())
+            for out, byte in ((2 * f, j0), (2 * f + 1, j1)):
+                got = [_half(regs[f"${out}"] & 0xFFFF), _half(regs[f"${out}"] >> 16)]
+                for key in range(2):
+                    code = (words[key] >> (8 * byte + 2 * f)) & 3
+                    assert got[key] == float(table[code].half())

@@ -54,6 +54,7 @@ class LaunchPlan:
     # against +3; at 4 bits, 128k tokens, batch 16: +5 % against +10 %; BENCHMARKS.md).
     separate_tail: bool = False
     gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by a second launch)
+    max_registers: Optional[int] = None  # the Gluon kernel's register cap per thread (more programs resident per SM)
 
 
 def next_pow2(n: int) -> int:
@@ -118,7 +119,7 @@ class TurboQuantAttention:
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
              num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
              bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
-             gluon: Optional[bool] = None) -> LaunchPlan:
+             gluon: Optional[bool] = None, max_registers: Optional[int] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
         ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder, or the
         Gluon kernel for batches of at least ``GLUON_MIN_KEYS`` sequence x KV head x keys).
@@ -130,7 +131,7 @@ class TurboQuantAttention:
             gluon = (bits == 2 and max_q == 1 and self.gluon_unavailable is None
                      and meta.num_seqs * self.request.num_kv_heads * max_kv >= GLUON_MIN_KEYS)
         if gluon:
-            return self._gluon_plan(meta, max_q, max_kv, bits, splits, programs_per_sm)
+            return self._gluon_plan(meta, max_q, max_kv, bits, splits, programs_per_sm, max_registers)
         if max_q * self.group <= DECODE_MAX_ROWS:
             block_q = max_q
             block_m = max(16, next_pow2(max_q * self.group))
@@ -165,7 +166,8 @@ class TurboQuantAttention:
                           separate_tail)
 
     def _gluon_plan(self, meta: AttentionMetadata, max_q: int, max_kv: int, bits: Optional[int],
-                    splits: Optional[int], programs_per_sm: Optional[float]) -> LaunchPlan:
+                    splits: Optional[int], programs_per_sm: Optional[float],
+                    max_registers: Optional[int]) -> LaunchPlan:
         if self.gluon_unavailable:
             raise ValueError(f"the Gluon decode kernel is not available here: {self.gluon_unavailable}")
         if bits not in (None, 2) or max_q != 1:
@@ -178,7 +180,7 @@ class TurboQuantAttention:
         # Queries rotated once before the kernels, the exact tail read by the Triton kernel's tail-only
         # launch (which takes the rotated queries too; warps: that launch's).
         return LaunchPlan(16, 1, block_n, splits, per_split, lookup=3, rotated_query=True, separate_tail=True,
-                          gluon=True)
+                          gluon=True, max_registers=max_registers or gluon_decode.MAX_REGISTERS)
 
     # ---- per-quantizer operands -------------------------------------------
     def _tensors_for(self, quantizer: TurboQuantKVQuantizer, device: torch.device) -> dict:
@@ -307,7 +309,8 @@ class TurboQuantAttention:
             kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
             GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim,
-            **gluon_decode.KERNEL_ASM, HAS_TAIL=has_tail, num_warps=1)
+            **gluon_decode.KERNEL_ASM, HAS_TAIL=has_tail, num_warps=1,
+            **({"maxnreg": plan.max_registers} if plan.max_registers else {}))
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:
         check_kernel_inputs(query, pages, meta, self.request)

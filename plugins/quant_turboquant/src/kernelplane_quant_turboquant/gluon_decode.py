@@ -41,6 +41,7 @@ except ImportError:  # a Triton without Gluon: the backend never plans this kern
 BLOCK_N = 32  # keys per step: two reads of BLOCK_N / 2 keys, each from one page
 PAGE_MULTIPLE = BLOCK_N // 2  # so pages must hold a multiple of this many tokens
 PROGRAMS_PER_SM = 32  # one-warp programs
+MAX_REGISTERS = 168  # per thread: 12 programs resident per SM at head dim 128 (the compiler's 209: 9)
 RESCALE_SLACK = 8.0  # base-2 log: softmax weights up to 256 before the running maximum moves
 
 
@@ -51,16 +52,15 @@ def value_asm() -> str:
     for bytes ``j0`` (elements 0, 1) and ``j1`` (elements 2, 3); ``$16`` and ``$20`` the
     four centroids in code order as float16 bits (``centroid_words``). Outputs ``$2f`` /
     ``$2f+1``: field ``f`` of byte ``j0`` / ``j1`` of the two keys (the first key in the low
-    half). One ``prmt`` gathers the four bytes into one register; then a field's two bits of
-    bytes 0 and 1 become ``prmt`` byte selectors ``2c, 2c + 1`` for each code ``c`` in one
-    multiply-add (``c * 0x22 + 0x1010`` on ``c0 | c1 << 8``; ``prmt`` reads only the low
-    16 bits of its selector)."""
+    half). One ``prmt`` gathers the four bytes into one register; then a field's two bits
+    of each byte become ``prmt`` byte selectors ``2c, 2c + 1`` for each code ``c`` in one
+    multiply-add (``c * 0x22 + 0x10`` per byte, no carries), and ``prmt`` reads the low 16
+    bits of its selector (bytes 0 and 1), then of the selector shifted by 16 (bytes 2, 3)."""
     lines = ["{", ".reg .b32 x, u, s0, s1;", "prmt.b32 x, $8, $9, $12;"]
     for f in range(4):
         lines.append(f"shr.b32 u, x, {2 * f};" if f else "mov.b32 u, x;")
-        lines += ["and.b32 u, u, 0x03030303;", "mad.lo.u32 s0, u, 0x22, 0x1010;", "shr.b32 s1, u, 16;",
-                  "mad.lo.u32 s1, s1, 0x22, 0x1010;", f"prmt.b32 ${2 * f}, $16, $20, s0;",
-                  f"prmt.b32 ${2 * f + 1}, $16, $20, s1;"]
+        lines += ["and.b32 u, u, 0x03030303;", "mad.lo.u32 s0, u, 0x22, 0x10101010;", "shr.b32 s1, s0, 16;",
+                  f"prmt.b32 ${2 * f}, $16, $20, s0;", f"prmt.b32 ${2 * f + 1}, $16, $20, s1;"]
     return "\n".join(lines + ["}"])
 
 
@@ -127,10 +127,11 @@ def _load_query_operand(q_rows, q_ok, offs_r, OUT: gl.constexpr, FW: gl.constexp
 
 
 @_jit
-def _first_eight(x, layout: gl.constexpr):
-    """Elements 0..7 of a 16-vector (the group's heads), in ``layout``."""
-    first, _ = gl.split(gl.permute(gl.reshape(x, [2, 8]), [1, 0]))
-    return gl.convert_layout(first, layout)
+def _group_rows(x):
+    """Rows 0..7 of a [16, N] tile: the GQA group's heads (the other rows pad the score
+    product's 16 rows; nothing after it computes them)."""
+    top, _ = gl.split(gl.permute(gl.reshape(x, [2, 8, x.shape[1]]), [1, 2, 0]))
+    return top
 
 
 @_jit
@@ -143,42 +144,44 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
     ``kv_hi`` in the page are read and masked later (the page exists); past the sequence's
     pages, block 0 is read instead."""
     block = gl.load(table_ptr + start // PAGE, mask=start < kv_hi, other=0).to(gl.int64)
-    row = start % PAGE
-    kb = gl.load(kc_head + block * stride_kcb + row * stride_kct + k_offsets)
-    vw = gl.load(vc_head + block * stride_vcb + row * stride_vct + v_offsets)
-    kn = gl.load(kn_head + block * stride_knb + (row + offs_sn) * stride_knt)
-    vn = gl.load(vn_head + block * stride_vnb + (row + offs_sn) * stride_vnt)
+    row = gl.multiple_of(start % PAGE, 16)  # steps start at multiples of 16: norms load in pairs
+    kb = gl.load(kc_head + (block * stride_kcb + row * stride_kct) + k_offsets)
+    vw = gl.load(vc_head + (block * stride_vcb + row * stride_vct) + v_offsets)
+    kn = gl.load(kn_head + (block * stride_knb + row * stride_knt) + offs_sn * stride_knt)
+    vn = gl.load(vn_head + (block * stride_vnb + row * stride_vnt) + offs_sn * stride_vnt)
     return kb, vw, kn, vn
 
 
 @_jit
 def _scores(kb, kn, start, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_shift, row_scale, offs_sn,
             KA: gl.constexpr, MMA: gl.constexpr):
-    """Base-2 scaled scores of half a step's keys, -inf outside ``kv_lo .. kv_hi - 1``; and that mask."""
+    """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]), -inf
+    outside ``kv_lo .. kv_hi - 1``; and that mask."""
     k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
                                        dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
     s = mma_v2(q0_hi, k0, gl.zeros([16, kn.shape[0]], gl.int32, MMA))
     s = mma_v2(q1_hi, k1, s)
     s = mma_v2(q0_lo, k0, s * 128)
-    s = mma_v2(q1_lo, k1, s)
+    s = _group_rows(mma_v2(q1_lo, k1, s))
     tok = start + offs_sn
     ok = (tok >= kv_lo) & (tok < kv_hi)
-    s = s.to(gl.float32) * gl.expand_dims(kn.to(gl.float32), 0) * row_scale
-    return gl.where(gl.expand_dims(ok, 0), s, float("-inf")), ok
+    bias = gl.where(ok, 0.0, float("-inf"))  # the mask, added in the same multiply-add
+    per_key: gl.constexpr = gl.SliceLayout(0, s.type.layout)
+    s = (s.to(gl.float32) * row_scale) * gl.expand_dims(gl.convert_layout(kn.to(gl.float32), per_key), 0) + \
+        gl.expand_dims(gl.convert_layout(bias, per_key), 0)
+    return s, ok
 
 
 @_jit
 def _add_values(p, vn, ok, vw, v_gather, v_lo_t, v_hi_t, value_scale, acc0, acc1, acc2, acc3,
                 VA: gl.constexpr, B: gl.constexpr):
     """The accumulators (``O^T``: dimensions x the group's heads) plus the values of half a
-    step's keys times ``p`` (their softmax weights, heads x keys): ``O^T += V^T P^T``. ``P^T``
-    is the first 8 rows of ``p`` (the group's heads), transposed: in ``p``'s registers,
-    the layout the product takes as its right operand."""
+    step's keys times ``p`` (their softmax weights, the group's heads x keys):
+    ``O^T += V^T P^T``. ``P^T`` is ``p`` transposed: in ``p``'s registers, the layout the
+    product takes as its right operand."""
     weight = gl.where(ok, vn.to(gl.float32) * value_scale, 0.0)  # masked norms may be any bits
-    p = (p * gl.expand_dims(weight, 0)).to(gl.float16)
-    p = gl.reshape(gl.permute(p, [1, 0]), [p.shape[1], 2, 8])
-    p_t, _ = gl.split(gl.permute(p, [0, 2, 1]))
-    p_t = gl.convert_layout(p_t, B)
+    weight = gl.convert_layout(weight, gl.SliceLayout(0, p.type.layout))
+    p_t = gl.convert_layout(gl.permute((p * gl.expand_dims(weight, 0)).to(gl.float16), [1, 0]), B)
     v0, v1, v2, v3 = gl.inline_asm_elementwise(
         VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_lo_t, v_hi_t],
         dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
@@ -247,6 +250,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     q1_hi = gl.convert_layout(q1_hi, A8)
     q1_lo = gl.convert_layout(q1_lo, A8)
     row_scale = gl.expand_dims(gl.convert_layout(q_max / (127.0 * 128.0) * k_step * score_scale, ROWS), 1)
+    row_scale = _group_rows(row_scale + gl.zeros([16, BLOCK_N // 2], gl.float32, MMA))
 
     kv_lo = split * tokens_per_split
     kv_hi = gl.minimum(seq_len, kv_lo + tokens_per_split)
@@ -287,8 +291,8 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     acc1 = gl.zeros([FW, 8], gl.float32, MMA)
     acc2 = gl.zeros([FW, 8], gl.float32, MMA)
     acc3 = gl.zeros([FW, 8], gl.float32, MMA)
-    m_i = gl.full([16], -1.0e30, gl.float32, ROWS)
-    l_i = gl.zeros([16], gl.float32, ROWS)
+    l_i = gl.sum(row_scale * 0.0, 1)  # per head of the group, in the score rows' layout
+    m_i = l_i - 1.0e30
     start = kv_lo - kv_lo % BLOCK_N
     # Software prefetch: the next step's codes and norms are loaded before this step decodes.
     kb_a, vw_a, kn_a, vn_a = _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets,
@@ -320,7 +324,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
         p_b = gl.exp2(s_b - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p_a, 1) + gl.sum(p_b, 1)
         if gl.max(m_new - m_i, 0) > 0.0:
-            rescale = gl.expand_dims(_first_eight(alpha, KEYS), 0)
+            rescale = gl.expand_dims(gl.convert_layout(alpha, KEYS), 0)
             acc0 = acc0 * rescale
             acc1 = acc1 * rescale
             acc2 = acc2 * rescale
@@ -334,15 +338,14 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
         kb_b, vw_b, kn_b, vn_b = nkb_b, nvw_b, nkn_b, nvn_b
 
     seen = l_i > 0.0
-    lse = gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf"))
-    offs_om = gl.arange(0, 16, layout=ROWS)
-    head = kv_head * GROUP + offs_om
-    row_ok = (offs_om < GROUP) & has_query
-    gl.store(lse_ptr + token.to(gl.int64) * stride_lt + head * stride_lh + split, lse, mask=row_ok)
-    inv_l = gl.expand_dims(_first_eight(1.0 / gl.where(seen, l_i, 1.0), KEYS), 0)
+    lse = gl.convert_layout(gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf")), KEYS)
+    inv_l = gl.expand_dims(gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), KEYS), 0)
     offs_oh = gl.arange(0, 8, layout=KEYS)
+    head_ok = (offs_oh < GROUP) & has_query
+    gl.store(lse_ptr + token.to(gl.int64) * stride_lt + (kv_head * GROUP + offs_oh) * stride_lh + split, lse,
+             mask=head_ok)
     offs_om = gl.arange(0, FW, layout=ROWS)
-    o_ok = gl.expand_dims((offs_oh < GROUP) & has_query, 0)
+    o_ok = gl.expand_dims(head_ok, 0)
     parts = gl.expand_dims(part_ptr + token.to(gl.int64) * stride_pt + (kv_head * GROUP + offs_oh) * stride_ph +
                            split * stride_ps, 0) + gl.expand_dims(4 * (offs_om % WORDS) + offs_om // WORDS, 1)
     gl.store(parts, acc0 * inv_l, mask=o_ok)
