@@ -41,8 +41,9 @@ def count() -> int:
 
     from kernelplane_quant_turboquant import gluon_decode
 
-    print(f"triton {triton.__version__}, target sm_90, one warp, {gluon_decode.BLOCK_N} keys per step; a step "
-          "without the rescale skips its branch (the running maximum stays)")
+    print(f"triton {triton.__version__}, target sm_90, one warp, {gluon_decode.MAX_REGISTERS} registers, "
+          f"{gluon_decode.BLOCK_N} keys per step; a step without the rescale skips its branch (the running maximum "
+          "stays)")
     print("| head dim | loop instructions | per K/V element | without the rescale | per K/V element | most frequent |\n"
           "|---|---|---|---|---|---|")
     for dim in (128, 64):

@@ -124,7 +124,8 @@ def compile_gluon_case(block_n: int, has_tail: bool = False, dim: int = D):
                if signature[n].startswith("*") or (n.startswith("stride") and n not in constants)}
     source = GluonASTSource(fn=fn, signature=signature, attrs=aligned,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=1, maxnreg=gluon_decode.MAX_REGISTERS))
 
 
 def check() -> int:

@@ -214,3 +214,21 @@ def test_gluon_decode_kernel(dtype):
     run_case("turboquant2", 9, 3, 64, (1, 1, 1), (150, 40, 5), dtype=dtype, gluon=True, splits=3, tail_window=20)
     # Pages of 32 tokens (two steps per page), GQA 5, sequences ending mid-step.
     run_case("turboquant2", 10, 2, 128, (1, 1), (333, 47), dtype=dtype, block_size=32, gluon=True, splits=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotate_queries_kernel_matches_the_float32_product(dtype):
+    """The decode plans' one-launch query rotation, on strided rows (a slice of a fused QKV)."""
+    request = AttentionRequest(num_heads=9, num_kv_heads=3, head_dim=64, kv_cache_format="turboquant2",
+                               dtype=str(dtype).removeprefix("torch."))
+    quantizer = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant2", num_kv_heads=3, head_dim=64,
+                                                     dtype=request.dtype))
+    backend = TurboQuantAttention(request)
+    ops = backend._tensors_for(quantizer, torch.device(DEVICE))
+    gen = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(37, 15, 64, generator=gen) * 3).to(DEVICE, dtype)
+    query = qkv[:, 2:11]  # 9 heads out of 15: rows are not contiguous
+    out = backend._rotate_queries(query, ops, 32)
+    want = torch.matmul(query.double(), ops["q_rot"].double())
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == query.shape
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5

@@ -34,6 +34,7 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 128
 DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the decode plan
 COMBINE_SPLIT_CHUNK = 16  # partials merged per load
+ROTATE_ROWS = 32  # query rows per program of the rotation before the decode kernels
 # The Gluon 2-bit decode kernel wins on an H100 from (sequences x KV heads x keys) = 1 x 8 x 32k and loses at
 # 1 x 8 x 4k (BENCHMARKS.md): below this much work its one-warp programs cannot fill the GPU.
 GLUON_MIN_KEYS = 2**18
@@ -241,7 +242,7 @@ class TurboQuantAttention:
         lse = torch.empty(num_tokens, req.num_heads, splits, dtype=torch.float32, device=query.device)
         rot_chunk = min(32, req.head_dim, req.v_dim)
         q_tiles = math.ceil(max(1, meta.max_query_len) / plan.block_q)
-        q_in = torch.matmul(query.float(), ops["q_rot"]) if plan.rotated_query else query
+        q_in = self._rotate_queries(query, ops, rot_chunk) if plan.rotated_query else query
         score_scale = req.softmax_scale * _LOG2E / math.sqrt(req.head_dim)
         if has_tail:
             tail = pages.exact_tail
@@ -291,6 +292,18 @@ class TurboQuantAttention:
             HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk, UPCAST=_INTERPRETED,
             num_warps=4,
         )
+        return out
+
+    def _rotate_queries(self, query: torch.Tensor, ops: dict, chunk: int) -> torch.Tensor:
+        """``query @ R_k^T`` in float32 (contiguous), one launch."""
+        if query.dtype == torch.float32:  # the kernel splits 16-bit rows into bfloat16 parts
+            return torch.matmul(query, ops["q_rot"])
+        tokens, heads, dim = query.shape
+        out = torch.empty(tokens, heads, dim, dtype=torch.float32, device=query.device)
+        rows = tokens * heads
+        kernels.rotate_queries_kernel[(math.ceil(rows / ROTATE_ROWS),)](
+            query, out, ops["q_hi"], ops["q_lo"], rows, heads, query.stride(0), query.stride(1),
+            BLOCK_R=ROTATE_ROWS, DIM=dim, CHUNK=chunk, UPCAST=_INTERPRETED, num_warps=4)
         return out
 
     def _launch_gluon(self, plan: LaunchPlan, ops: dict, q_in: torch.Tensor, partial: torch.Tensor, lse: torch.Tensor,
