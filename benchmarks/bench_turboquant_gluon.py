@@ -1,10 +1,10 @@
 """The Gluon 2-bit decode kernel (``gluon_decode``) against the Triton kernel, on the GPU.
 
-``gluon_decode`` loads code bytes straight into tensor-core operands (its
+``gluon_decode`` decodes code words straight into tensor-core operands (its
 docstring has the design). The backend plans it for 2-bit decode batches
-of at least ``GLUON_MIN_KEYS`` sequence x KV head x keys; this script shows
-why: for each shape it times, in one run, SDPA on bfloat16 K/V (the peer),
-the Triton kernel's plan and the Gluon plan at several programs per SM
+where it can run; this script shows why: for each shape it times, in one
+run, SDPA on bfloat16 K/V (the peer), the Triton kernel's plan and the Gluon
+plan at several programs per SM and register caps (the backend's: 32, 168)
 (CUDA-graph replays over >= 256 MB of cache, as ``bench_turboquant.py``),
 after checking both against the reference attention on written pages. The
 exact tail is off in that table; a second one times SmolLM2's shape (Hq 9 /
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Gluon plans timed: (programs per SM, register cap per thread).
-VARIANTS = ((24, 168), (32, 168), (48, 168), (32, 200), (32, 128))
+VARIANTS = ((32, 168), (24, 168), (48, 168), (32, 176))
 SHAPES = [(1, 4096), (16, 4096), (1, 32768), (4, 32768), (8, 32768), (16, 32768), (16, 131072)]
 
 
@@ -140,7 +140,7 @@ def smollm2_with_tail(bt, gen) -> None:
                                                       dtype="bfloat16")).implementation
     backend = select("attention", request, override="turboquant").implementation
     print(f"\nSmolLM2 shape (Hq {hq} / Hkv {hkv}, head dim {dim}), exact tail {tail}, µs")
-    gluon_variants = ((32, 168), (32, 128), (64, 128))
+    gluon_variants = ((32, 168), (48, 168))
     print("| B | L | Triton, tail in its last split | Triton, tail by a second launch | "
           + " | ".join(f"Gluon {p}/SM, {r} regs" for p, r in gluon_variants)
           + " | backend's choice |\n|---|---|---|---|" + "---|" * len(gluon_variants))

@@ -177,7 +177,7 @@ def test_exact_tail_in_prefill_tiles_with_a_window():
     run_case("turboquant3", 4, 1, 128, (1,), (70,), dtype=torch.bfloat16, block_n=64, tail_window=64)
 
 
-def test_plan_takes_the_gluon_kernel_for_large_two_bit_decode_batches():
+def test_plan_takes_the_gluon_kernel_for_two_bit_decode_batches():
     request = AttentionRequest(num_heads=32, num_kv_heads=8, head_dim=128, kv_cache_format="turboquant2",
                                dtype="bfloat16")
     backend = TurboQuantAttention(request, sm_count=132)
@@ -193,16 +193,19 @@ def test_plan_takes_the_gluon_kernel_for_large_two_bit_decode_batches():
     backend.gluon_unavailable = None  # as on an H100
     plan = backend.plan(big, bits=2)
     assert plan.gluon and plan.block_n == 32 and plan.splits * plan.tokens_per_split >= 4096
-    assert not backend.plan(small, bits=2).gluon
+    assert plan.max_registers == 168 and backend.plan(big, bits=2, max_registers=200).max_registers == 200
+    assert backend.plan(small, bits=2).gluon
     one_long = AttentionMetadata.build([1], [32768], [list(range(2048))], 16)
     assert backend.plan(one_long, bits=2).gluon
     assert not backend.plan(big, bits=3).gluon
     assert not backend.plan(drafts, bits=2).gluon
     with pytest.raises(ValueError, match="one query token per sequence"):
         backend.plan(drafts, bits=2, gluon=True)
-    if not unavailable_here:  # pages of 8 tokens: a step of 16 keys would span two
+    if not unavailable_here:  # pages of 8 tokens (a read of 16 keys would span two); 16 query heads per KV head
         odd_pages = TurboQuantAttention(request.model_copy(update={"block_size": 8}), sm_count=132)
         assert "multiple of 16" in odd_pages.gluon_unavailable
+        wide_group = TurboQuantAttention(request.model_copy(update={"num_heads": 128}), sm_count=132)
+        assert "at most 8" in wide_group.gluon_unavailable
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Gluon kernels do not run in Triton's CPU interpreter (compiled for "

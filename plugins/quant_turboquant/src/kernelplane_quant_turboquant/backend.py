@@ -34,10 +34,7 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 128
 DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the decode plan
 COMBINE_SPLIT_CHUNK = 16  # partials merged per load
-ROTATE_ROWS = 32  # query rows per program of the rotation before the decode kernels
-# The Gluon 2-bit decode kernel wins on an H100 from (sequences x KV heads x keys) = 1 x 8 x 32k and loses at
-# 1 x 8 x 4k (BENCHMARKS.md): below this much work its one-warp programs cannot fill the GPU.
-GLUON_MIN_KEYS = 2**18
+ROTATE_ROWS, ROTATE_COLS = 32, 32  # query rows and output columns per program of the rotation before decoding
 
 
 @dataclass(frozen=True)
@@ -122,15 +119,16 @@ class TurboQuantAttention:
              bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
              gluon: Optional[bool] = None, max_registers: Optional[int] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
-        ``bits``: of the pages (2-bit decode tiles on a GPU take the cubic decoder, or the
-        Gluon kernel for batches of at least ``GLUON_MIN_KEYS`` sequence x KV head x keys).
+        ``bits``: of the pages (2-bit decode batches on an NVIDIA GPU take the Gluon kernel
+        where it can run, other 2-bit tiles on a GPU the cubic decoder). ``max_registers``:
+        the Gluon kernel's cap (default ``gluon_decode.MAX_REGISTERS``).
         ``programs_per_sm``: KV splits are added until about this many programs run per SM
         (default: the kernel's own, ``TARGET_PROGRAMS_PER_SM`` or ``gluon_decode.PROGRAMS_PER_SM``)."""
         max_q = max(1, meta.max_query_len)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         if gluon is None:
-            gluon = (bits == 2 and max_q == 1 and self.gluon_unavailable is None
-                     and meta.num_seqs * self.request.num_kv_heads * max_kv >= GLUON_MIN_KEYS)
+            # The Gluon kernel wins at every decode shape measured on an H100, down to 1 x 8 heads x 4k keys.
+            gluon = bits == 2 and max_q == 1 and self.gluon_unavailable is None
         if gluon:
             return self._gluon_plan(meta, max_q, max_kv, bits, splits, programs_per_sm, max_registers)
         if max_q * self.group <= DECODE_MAX_ROWS:
@@ -301,9 +299,10 @@ class TurboQuantAttention:
         tokens, heads, dim = query.shape
         out = torch.empty(tokens, heads, dim, dtype=torch.float32, device=query.device)
         rows = tokens * heads
-        kernels.rotate_queries_kernel[(math.ceil(rows / ROTATE_ROWS),)](
+        cols = min(ROTATE_COLS, dim)
+        kernels.rotate_queries_kernel[(math.ceil(rows / ROTATE_ROWS), dim // cols)](
             query, out, ops["q_hi"], ops["q_lo"], rows, heads, query.stride(0), query.stride(1),
-            BLOCK_R=ROTATE_ROWS, DIM=dim, CHUNK=chunk, UPCAST=_INTERPRETED, num_warps=4)
+            BLOCK_R=ROTATE_ROWS, DIM=dim, COLS=cols, CHUNK=chunk, UPCAST=_INTERPRETED, num_warps=4)
         return out
 
     def _launch_gluon(self, plan: LaunchPlan, ops: dict, q_in: torch.Tensor, partial: torch.Tensor, lse: torch.Tensor,

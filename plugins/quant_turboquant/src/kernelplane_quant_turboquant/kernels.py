@@ -46,13 +46,13 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _rotate_cols(x_ptrs, x_mask, rot_hi_ptr, rot_lo_ptr, ROWS: tl.constexpr, DIM: tl.constexpr,
-                 COL0: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
-    """``(x @ M)[:, COL0:COL0+COLS]`` in float32, for ``x [ROWS, DIM]`` read from
+                 col0, COLS: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+    """``(x @ M)[:, col0:col0+COLS]`` in float32, for ``x [ROWS, DIM]`` read from
     memory at ``x_ptrs + column`` and ``M = hi + lo`` given as two bfloat16
     ``[DIM, DIM]`` matrices. Three bfloat16 products per ``CHUNK`` columns of
     x carry about 16 bits: float32-accurate, on tensor cores."""
     offs_c = tl.arange(0, CHUNK)
-    offs_o = COL0 + tl.arange(0, COLS)
+    offs_o = col0 + tl.arange(0, COLS)
     acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
     for c in tl.static_range(0, DIM, CHUNK):
         x = tl.load(x_ptrs + (c + offs_c)[None, :], mask=x_mask, other=0.0).to(tl.float32)
@@ -174,15 +174,18 @@ def _field(main, extra, table_ptr, F: tl.constexpr, BITS: tl.constexpr, LOOKUP: 
 
 @triton.jit
 def rotate_queries_kernel(q_ptr, out_ptr, rot_hi_ptr, rot_lo_ptr, num_rows, num_heads, stride_qt, stride_qh,
-                          BLOCK_R: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
-    """``out[t, h] = q[t, h] @ M`` in float32 (``out`` contiguous): the decode plans rotate the
-    queries once before the attention kernels, in one launch (a float32 copy and a matmul
-    took two, about 10 µs at batch 16 on an H100)."""
+                          BLOCK_R: tl.constexpr, DIM: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr,
+                          UPCAST: tl.constexpr):
+    """Grid: (row blocks, DIM / COLS). ``out[t, h] = q[t, h] @ M`` in float32 (``out``
+    contiguous), ``COLS`` output columns per program: the decode plans rotate the queries
+    once before the attention kernels, in one launch (a float32 copy and a matmul took
+    two, about 10 µs at batch 16 on an H100)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * COLS
     ok = (rows < num_rows)[:, None]
     q_rows = q_ptr + ((rows // num_heads).to(tl.int64) * stride_qt + (rows % num_heads) * stride_qh)[:, None]
-    out = _rotate_cols(q_rows, ok, rot_hi_ptr, rot_lo_ptr, BLOCK_R, DIM, 0, DIM, CHUNK, UPCAST)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * DIM + tl.arange(0, DIM)[None, :], out, mask=ok)
+    out = _rotate_cols(q_rows, ok, rot_hi_ptr, rot_lo_ptr, BLOCK_R, DIM, col0, COLS, CHUNK, UPCAST)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * DIM + (col0 + tl.arange(0, COLS))[None, :], out, mask=ok)
 
 
 @triton.jit
