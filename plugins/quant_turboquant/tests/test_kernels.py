@@ -145,6 +145,7 @@ def test_queries_rotated_before_the_kernel(fmt, lookup, dtype):
 def test_plan_takes_the_cubic_for_two_bits_on_a_gpu_only():
     request = AttentionRequest(num_heads=8, num_kv_heads=2, head_dim=64, kv_cache_format="turboquant2")
     backend = TurboQuantAttention(request)
+    backend.gluon_unavailable = "as on a GPU without Gluon: the Triton kernel decodes"
     decode = AttentionMetadata.build([1, 1], [55, 7], [[0, 1, 2, 3], [4]], 16)
     prefill = AttentionMetadata.build([40, 7], [55, 7], [[0, 1, 2, 3], [4]], 16)
     backend.compiled = False  # the interpreter: the select tree stays the default
