@@ -1,31 +1,43 @@
-"""2-bit TurboQuant decode attention in Gluon: code bytes loaded straight into tensor-core operands.
+"""2-bit TurboQuant decode attention in Gluon: code words decoded straight into tensor-core operands.
 
-``kernels.turboquant_attention_kernel`` is bound by instruction issue, and
-part of its instructions move decoded values into the layout Triton picks
-for the tensor-core operands. Gluon (Triton's layer where a kernel names its
-layouts) lets this kernel load each thread's code bytes directly in the
-operand layout of ``mma.sync`` (m16n8k16, float16), so its loop touches no
-shared memory:
+``kernels.turboquant_attention_kernel`` is bound by instruction issue. Gluon
+(Triton's layer where a kernel names its layouts) lets this kernel decode each
+thread's code words directly into the registers ``mma.sync`` reads, so its
+loop touches no shared memory and spends about 2.6 instructions per K/V
+element (``bench_turboquant_gluon.py --count``):
 
-- scores ``S = Q K^T``: the queries (rotated, unit length; the GQA group's
-  heads as rows of a 16-row tile) are the left operand, loaded once; a tile of
-  keys is the right operand ``K^T [dims, keys]``, one code byte per element;
-- ``P`` leaves the score product in the layout the value product takes as
-  its left operand, and the values are its right operand ``V [keys, dims]``;
-- a code byte holds four fields (``packing``), so one loaded byte serves
-  the four per-field products;
-- a field of four codes is decoded by ``prmt`` byte selectors into the four
-  float16 centroids held in two registers (``prmt_asm``);
-- one warp per program, many programs per SM (KV splits), and the next
-  tile's codes are loaded while the current one is decoded.
+- scores ``S = Q K^T`` on int8 tensor cores (m16n8k32). One ``prmt`` turns
+  four key codes into four int8 centroids (``KEY_ASM``, table from
+  ``int8_centroids``), which is one operand register. The queries (rotated)
+  are two int8 parts, ``128 hi + lo``, so their rounding stays far below the
+  scores' bfloat16 precision; their columns follow the order the decoder
+  emits (``_load_query_operand``), since a dot product may sum its dims in
+  any order;
+- the GQA group's heads are rows of a 16-row tile; only the first 8 rows go
+  on (``_group_rows``: softmax, weights), so groups of at most 8;
+- values go through ``O^T = V^T P^T`` (m16n8k16, float16): the dimensions
+  are the rows, the group's heads the 8 columns, so the accumulators hold no
+  padding, and ``P^T`` is the score tile's registers as they are. A value
+  register pairs two neighbouring keys of one dimension: one ``prmt``
+  gathers a byte of two keys' words, a multiply-add turns each field's codes
+  into ``prmt`` selectors, and two ``prmt`` look up the float16 centroids
+  (``value_asm``);
+- a step is 32 keys read as two runs of 16, each from one page, so every
+  address is a page base plus an offset fixed for the whole loop; the next
+  step's codes and norms load while this one decodes;
+- the running maximum moves only when a score exceeds it by more than
+  ``RESCALE_SLACK``, so most steps skip the accumulators' rescale;
+- one warp per program, 168 registers per thread (12 programs resident per
+  SM), 32 programs per SM across KV splits.
 
 Decode steps only (one query token per sequence), no sliding window, head
-dims 64 or 128 (the ones tested). Its partial outputs have the Triton kernel's
-layout, so ``kernels.combine_splits_kernel`` merges and de-rotates them; the
-exact tail is read by the Triton kernel's tail-only launch. Measured against
-the Triton kernel in ``benchmarks/bench_turboquant_gluon.py``; the backend
-plans it where it won (BENCHMARKS.md). Triton's CPU interpreter cannot run
-Gluon: on a CPU the tests compile it for sm_90, and the GPU runs them.
+dims 64 or 128 (the ones tested), pages a multiple of 16 tokens. Its partial
+outputs have the Triton kernel's layout, so ``kernels.combine_splits_kernel``
+merges and de-rotates them; the exact tail is read by the Triton kernel's
+tail-only launch. Measured against the Triton kernel and SDPA in
+``benchmarks/bench_turboquant_gluon.py``. Triton's CPU interpreter cannot run
+Gluon: on a CPU the tests compile it for sm_90 and run its PTX through a
+simulator (``tests/test_decode_asm.py``), and the GPU runs the kernel tests.
 """
 from __future__ import annotations
 
