@@ -265,7 +265,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     q1_hi = gl.convert_layout(q1_hi, A8)
     q1_lo = gl.convert_layout(q1_lo, A8)
     row_scale = gl.expand_dims(gl.convert_layout(q_max / (127.0 * 128.0) * k_step * score_scale, ROWS), 1)
-    row_scale = _group_rows(row_scale + gl.zeros([16, BLOCK_N // 2], gl.float32, MMA))
+    row_scale = _group_rows(row_scale + gl.zeros([16, HALF], gl.float32, MMA))
 
     kv_lo = split * tokens_per_split
     kv_hi = gl.minimum(seq_len, kv_lo + tokens_per_split)
