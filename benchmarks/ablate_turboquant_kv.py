@@ -16,6 +16,7 @@ Variants printed (perplexity, change against the float32 cache):
 - with ``--recent``: each query reading its latest 16 / 64 positions exact
   (a page not yet quantized), then also the first token (16 / 32 / 64);
   ``--first-and-latest N``: only that, against all quantized, at 4 / 3 / 2 bits;
+  adding ``--first S``: the first S tokens exact against the first one, at 4 / 3 bits;
 - with ``--offsets N`` (the first and latest N tokens exact): the key offset
   taken from the window, from the engine's start-up text (its tokens after the
   first), or from the
@@ -117,6 +118,9 @@ def main() -> int:
     ap.add_argument("--split-channels", action="store_true",
                     help="instead: 2.5 bits as half the channels at 3 bits and half at 2 (the paper's mixed "
                          "layout), against 2, 3 and keys 3 + values 2")
+    ap.add_argument("--first", type=int, metavar="S", default=1,
+                    help="with --first-and-latest: the first S tokens exact instead of the first one (attention "
+                         "sinks), compared in the same run at 4 and 3 bits")
     ap.add_argument("--offsets", type=int, metavar="N", default=0,
                     help="instead: with the first and latest N tokens exact, where the key offset comes from "
                          "(the window, the engine's start-up text, the window's first 128 tokens) and a "
@@ -159,6 +163,13 @@ def main() -> int:
     print("| variant | perplexity | change |\n|---|---|---|")
     if args.split_channels:
         split_channels(report, variant, dim)
+        return 0
+    if args.first_and_latest and args.first > 1:
+        n = args.first_and_latest
+        for bits in (4, 3):
+            for sink in (1, args.first):
+                report(f"K+V {bits} bits, first {sink} and latest {n} exact",
+                       variant(kbits=bits, vbits=bits, sink=sink), recent=n)
         return 0
     if args.first_and_latest:
         n = args.first_and_latest
