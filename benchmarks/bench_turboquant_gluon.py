@@ -47,7 +47,7 @@ def count() -> int:
     print("| head dim | loop instructions | per K/V element | without the rescale | per K/V element | most frequent |\n"
           "|---|---|---|---|---|---|")
     for dim in (128, 64):
-        ops = count_sass.main_loop(count_sass.compile_gluon_case(gluon_decode.BLOCK_N, dim=dim).asm["cubin"])
+        ops = count_sass.main_loop(count_sass.compile_gluon_case(dim=dim).asm["cubin"])
         steady = count_sass.without_branches(ops)
         per_thread = gluon_decode.BLOCK_N * dim * 2 / 32
         top = ", ".join(f"{op} {n}" for op, n in collections.Counter(steady).most_common(6))

@@ -104,7 +104,7 @@ def compile_combine_case():
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
-def compile_gluon_case(block_n: int, has_tail: bool = False, dim: int = D):
+def compile_gluon_case(has_tail: bool = False, dim: int = D):
     """The Gluon 2-bit decode kernel (``gluon_decode``) for sm_90, one warp."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -114,7 +114,7 @@ def compile_gluon_case(block_n: int, has_tail: bool = False, dim: int = D):
     row = dim * 2 // 8
     constants = dict(stride_kcb=HKV * PAGE * row // 4, stride_kct=row // 4, stride_kch=PAGE * row // 4,
                      stride_knb=HKV * PAGE, stride_knt=1, stride_knh=PAGE, stride_vcb=HKV * PAGE * row // 4, stride_vct=row // 4,
-                     stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE, GROUP=GROUP, BLOCK_N=block_n, PAGE=PAGE,
+                     stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE, GROUP=GROUP, BLOCK_N=gluon_decode.BLOCK_N, PAGE=PAGE,
                      HEAD_DIM=dim, HAS_TAIL=has_tail, **gluon_decode.KERNEL_ASM)
     pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*fp16", vc_ptr="*i32",
                     vn_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32")
@@ -153,7 +153,7 @@ def check() -> int:
 
     if gluon_decode.gluon is not None:
         for has_tail, dim in ((False, 128), (True, 64)):
-            compile_gluon_case(gluon_decode.BLOCK_N, has_tail, dim)
+            compile_gluon_case(has_tail, dim)
             print(f"Gluon 2-bit decode kernel, head dim {dim}{', codes around the exact tail' if has_tail else ''}: "
                   "compiled", flush=True)
     return 0

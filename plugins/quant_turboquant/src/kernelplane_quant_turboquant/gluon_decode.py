@@ -93,11 +93,15 @@ KEY_ASM = "\n".join([
 KERNEL_ASM = {"KA": KEY_ASM, "VA": value_asm()}  # the kernel's PTX parameters
 
 
+def _signed32(word: int) -> int:
+    """A 32-bit pattern as the signed value a kernel's int32 argument carries."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def centroid_words(table) -> tuple[int, int]:
     """The four 2-bit centroids (code order; exact in float16) as two 32-bit words of float16 bits."""
     bits = _half_bits([float(v) for v in table])
-    as_int32 = [(w - (1 << 32)) if w >= 1 << 31 else w for w in (bits[0] | bits[1] << 16, bits[2] | bits[3] << 16)]
-    return as_int32[0], as_int32[1]
+    return _signed32(bits[0] | bits[1] << 16), _signed32(bits[2] | bits[3] << 16)
 
 
 def int8_centroids(table) -> tuple[int, float]:
@@ -111,7 +115,7 @@ def int8_centroids(table) -> tuple[int, float]:
                for n in range(64, 128))[1]
     step = top / best
     word = sum((round(v / step) & 0xFF) << (8 * i) for i, v in enumerate(values))
-    return (word - (1 << 32)) if word >= 1 << 31 else word, step
+    return _signed32(word), step
 
 
 def _jit(fn):
@@ -293,7 +297,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     offs_vm = gl.arange(0, FW, layout=gl.SliceLayout(1, A))
     offs_vn = gl.arange(0, HALF, layout=gl.SliceLayout(0, A))  # keys: columns of V^T
     v_offsets = gl.expand_dims(offs_vn * stride_vct, 0) + gl.expand_dims(offs_vm % WORDS, 1)
-    byte_lo = (offs_vm % 16) % 8 // WORDS + 16 // WORDS * (offs_vm // 16)  # the byte of row m with m % 16 < 8
+    byte_lo = (offs_vm // 16 * 16 + offs_vm % 8) // WORDS  # the byte of the pair's first row (m % 16 < 8)
     byte_hi = byte_lo + 8 // WORDS
     v_gather = gl.expand_dims(byte_lo | (4 + byte_lo) << 4 | byte_hi << 8 | (4 + byte_hi) << 12, 1) + \
         gl.zeros([FW, HALF], gl.int32, A)
