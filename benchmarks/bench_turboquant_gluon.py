@@ -4,8 +4,9 @@
 docstring has the design). The backend plans it for 2-bit decode batches
 where it can run; this script shows why: for each shape it times, in one
 run, SDPA on bfloat16 K/V (the peer), the Triton kernel's plan and the Gluon
-plan at several programs per SM and register caps (the backend's: 32, 168)
-(CUDA-graph replays over >= 256 MB of cache, as ``bench_turboquant.py``),
+plan in several variants (``VARIANTS``: the backend's default first, then
+other numbers of rounds of resident programs and the earlier 32 programs per
+SM) (CUDA-graph replays over >= 256 MB of cache, as ``bench_turboquant.py``),
 after checking both against the reference attention on written pages. The
 exact tail is off in that table; a second one times SmolLM2's shape (Hq 9 /
 Hkv 3, head dim 64) with the engine's exact tail of 64 tokens, which the
@@ -29,8 +30,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Gluon plans timed: (programs per SM, register cap per thread).
-VARIANTS = ((32, 168), (24, 168), (48, 168), (32, 176))
+# Gluon plans timed: label -> plan keywords (the backend's default first).
+VARIANTS = {
+    "default": {},
+    "3 rounds": dict(rounds=3),
+    "32/SM": dict(programs_per_sm=32),
+}
 SHAPES = [(1, 4096), (16, 4096), (1, 32768), (4, 32768), (8, 32768), (16, 32768), (16, 131072)]
 
 
@@ -93,17 +98,17 @@ def main() -> int:
     query = torch.randn(len(lens), hq, dim, device=device, dtype=torch.bfloat16)
     ref = ReferenceAttention(request).forward(query.float(), pages, meta)
     errors = {"Triton": bt.rel_err(backend.forward(query, pages, meta, backend.plan(meta, bits=2, gluon=False)), ref)}
-    for per_sm, regs in VARIANTS:
-        plan = backend.plan(meta, bits=2, gluon=True, programs_per_sm=per_sm, max_registers=regs)
-        errors[f"Gluon {per_sm}/SM {regs} registers"] = bt.rel_err(backend.forward(query, pages, meta, plan), ref)
+    for label, plan_kw in VARIANTS.items():
+        plan = backend.plan(meta, bits=2, gluon=True, **plan_kw)
+        errors[f"Gluon {label}"] = bt.rel_err(backend.forward(query, pages, meta, plan), ref)
     print("relative error against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     del pages
     if max(errors.values()) > 5e-3:
         print("a kernel disagrees with the reference: no timing")
         return 1
 
-    heads = " | ".join(f"Gluon {p}/SM, {r} regs, µs" for p, r in VARIANTS)
-    print(f"\n| B | L | SDPA bf16 µs | Triton µs | {heads} | backend's choice | best Gluon vs SDPA | vs Triton |")
+    heads = " | ".join(f"Gluon {label} µs" for label in VARIANTS)
+    print(f"\n| B | L | SDPA bf16 µs | Triton µs | {heads} | backend's choice (splits) | best Gluon vs SDPA | vs Triton |")
     print("|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|---|")
     for batch, ctx in SHAPES:
         sdpa = bt.time_sdpa(batch, ctx, device)
@@ -116,8 +121,9 @@ def main() -> int:
             return bt.time_graph([lambda m=m, p=p: backend.forward(q, pages, m, plan=p) for m, p in zip(metas, plans)])
 
         triton_t = timed(gluon=False)
-        ours = [timed(gluon=True, programs_per_sm=p, max_registers=r) for p, r in VARIANTS]
-        choice = "Gluon" if backend.plan(metas[0], bits=2).gluon else "Triton"
+        ours = [timed(gluon=True, **plan_kw) for plan_kw in VARIANTS.values()]
+        plan = backend.plan(metas[0], bits=2)
+        choice = f"{'Gluon' if plan.gluon else 'Triton'} ({plan.splits})"
         best = min(ours)
         print(f"| {batch} | {ctx} | {sdpa * 1e6:.1f} | {triton_t * 1e6:.1f} | "
               + " | ".join(f"{t * 1e6:.1f}" for t in ours)
@@ -140,11 +146,12 @@ def smollm2_with_tail(bt, gen) -> None:
                                                       dtype="bfloat16")).implementation
     backend = select("attention", request, override="turboquant").implementation
     print(f"\nSmolLM2 shape (Hq {hq} / Hkv {hkv}, head dim {dim}), exact tail {tail}, µs")
-    gluon_variants = ((32, 168), (48, 168))
+    gluon_variants = {label: VARIANTS[label] for label in ("default",)}
     print("| B | L | Triton, tail in its last split | Triton, tail by a second launch | "
-          + " | ".join(f"Gluon {p}/SM, {r} regs" for p, r in gluon_variants)
+          + " | ".join(f"Gluon {label}" for label in gluon_variants)
           + " | backend's choice |\n|---|---|---|---|" + "---|" * len(gluon_variants))
-    for batch, ctx in [(64, 1536), (64, 4096), (128, 1536)]:
+    for batch, ctx in [(1, 1536), (4, 1536), (16, 1536), (64, 1536), (1, 4096), (4, 4096), (16, 4096), (64, 4096),
+                       (128, 1536)]:
         tables, used = bt.tables_for([ctx] * batch, 16, 0, gen)
         pages = quantizer.allocate(used, 16, hkv, dim, dim, "cuda")
         for name, t in pages.tensors.items():
@@ -156,7 +163,7 @@ def smollm2_with_tail(bt, gen) -> None:
         q = torch.randn(batch, hq, dim, device="cuda", dtype=torch.bfloat16)
         times = []
         for plan_kw in (dict(gluon=False), dict(gluon=False, separate_tail=True),
-                        *(dict(gluon=True, programs_per_sm=p, max_registers=r) for p, r in gluon_variants)):
+                        *(dict(gluon=True, **plan_kw) for plan_kw in gluon_variants.values())):
             plan = backend.plan(meta, bits=2, **plan_kw)
             times.append(bt.time_graph([lambda p=plan: backend.forward(q, pages, meta, plan=p)]))
         choice = "Gluon" if backend.plan(meta, bits=2).gluon else "Triton"

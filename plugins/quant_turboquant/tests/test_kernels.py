@@ -195,8 +195,17 @@ def test_plan_takes_the_gluon_kernel_for_two_bit_decode_batches():
     plan = backend.plan(big, bits=2)
     assert plan.gluon and plan.block_n == 32 and plan.splits * plan.tokens_per_split >= 4096
     assert plan.max_registers == 168 and backend.plan(big, bits=2, max_registers=200).max_registers == 200
-    assert backend.plan(small, bits=2).gluon
+    # Splits fill whole rounds of the programs an H100 holds at once (132 SMs x 12 at 168 registers):
+    resident = 132 * 12
+    for batch, context, rounds in ((16, 32768, 2), (8, 32768, 2), (4, 32768, 2), (16, 4096, 1)):
+        meta = AttentionMetadata.build([1] * batch, [context] * batch, [list(range(context // 16))] * batch, 16)
+        plan = backend.plan(meta, bits=2)
+        programs = batch * 8 * plan.splits
+        assert 0.9 * rounds * resident < programs <= rounds * resident, (batch, context, plan.splits)
+        assert plan.splits * plan.tokens_per_split >= context
     one_long = AttentionMetadata.build([1], [32768], [list(range(2048))], 16)
+    assert backend.plan(one_long, bits=2).splits == 128  # under one round: as many splits as allowed
+    assert backend.plan(small, bits=2).gluon
     assert backend.plan(one_long, bits=2).gluon
     assert not backend.plan(big, bits=3).gluon
     assert not backend.plan(drafts, bits=2).gluon

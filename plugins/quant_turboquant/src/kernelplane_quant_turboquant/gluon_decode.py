@@ -28,7 +28,8 @@ element (``bench_turboquant_gluon.py --count``):
 - the running maximum moves only when a score exceeds it by more than
   ``RESCALE_SLACK``, so most steps skip the accumulators' rescale;
 - one warp per program, 168 registers per thread (12 programs resident per
-  SM), 32 programs per SM across KV splits.
+  SM); KV splits make two whole rounds of resident programs where the batch
+  allows (``ROUNDS``).
 
 Decode steps only (one query token per sequence), no sliding window, head
 dims 64 or 128 (the ones tested), pages a multiple of 16 tokens. Its partial
@@ -52,12 +53,20 @@ except ImportError:  # a Triton without Gluon: the backend never plans this kern
 
 BLOCK_N = 32  # keys per step: two reads of BLOCK_N / 2 keys, each from one page
 PAGE_MULTIPLE = BLOCK_N // 2  # so pages must hold a multiple of this many tokens
-PROGRAMS_PER_SM = 32  # one-warp programs
 MAX_REGISTERS = 168  # per thread: 12 programs resident per SM at head dim 128 (the compiler's 209: 9)
+# KV splits fill the GPU this many times over (whole rounds of resident programs). More
+# splits cost the combine more partials; fewer leave SMs idle (measured, BENCHMARKS.md).
+ROUNDS = 2
 # Base-2 log: softmax weights grow up to 2^8 before the running maximum moves. The weights
 # times value norms / sqrt(head dim) go through float16, so value norms must stay below
 # about 2000 (head dim 64; LLM value norms are tens).
 RESCALE_SLACK = 8.0
+
+
+def resident_per_sm(max_registers: int = MAX_REGISTERS) -> int:
+    """One-warp programs an SM holds at once under a register cap: its 65536 registers over
+    32 threads x ``max_registers`` (the kernel uses no shared memory)."""
+    return 65536 // (32 * max_registers)
 
 
 def value_asm() -> str:
