@@ -117,7 +117,8 @@ def compile_gluon_case(has_tail: bool = False, dim: int = D):
                      stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE, GROUP=GROUP, BLOCK_N=gluon_decode.BLOCK_N, PAGE=PAGE,
                      HEAD_DIM=dim, HAS_TAIL=has_tail, **gluon_decode.KERNEL_ASM)
     pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*fp16", vc_ptr="*i32",
-                    vn_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32")
+                    vn_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32",
+                    tk_ptr="*bf16", tv_ptr="*bf16", seq_slots_ptr="*i32")
     signature = {n: pointers.get(n, "constexpr" if n in constants else "fp32" if "scale" in n or n == "k_step" else "i32")
                  for n in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

@@ -223,8 +223,10 @@ def test_plan_takes_the_gluon_kernel_for_two_bit_decode_batches():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gluon_decode_kernel(dtype):
     run_case("turboquant2", 32, 8, 128, (1, 1, 1), (1500, 3, 64), dtype=dtype, gluon=True, splits=4)
-    # A GQA group of three at head dim 64 (SmolLM2), the exact tail read by the Triton kernel's second launch.
+    # A GQA group of three at head dim 64 (SmolLM2) and GQA 4 at 128, the exact tail read by the kernel's own
+    # programs: sequences longer than the ring, shorter than the window, and of one token.
     run_case("turboquant2", 9, 3, 64, (1, 1, 1), (150, 40, 5), dtype=dtype, gluon=True, splits=3, tail_window=20)
+    run_case("turboquant2", 32, 8, 128, (1, 1, 1), (700, 70, 1), dtype=dtype, gluon=True, splits=2, tail_window=64)
     # Pages of 32 tokens (two steps per page), GQA 5, sequences ending mid-step.
     run_case("turboquant2", 10, 2, 128, (1, 1), (333, 47), dtype=dtype, block_size=32, gluon=True, splits=2)
 

@@ -51,7 +51,7 @@ class LaunchPlan:
     # The exact tail read by a second launch instead of the last split (measured: +13 µs at batch 1,
     # against +3; at 4 bits, 128k tokens, batch 16: +5 % against +10 %; BENCHMARKS.md).
     separate_tail: bool = False
-    gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by a second launch)
+    gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by its own programs)
     max_registers: Optional[int] = None  # the Gluon kernel's register cap per thread (more programs resident per SM)
 
 
@@ -194,10 +194,9 @@ class TurboQuantAttention:
                                           (self.sm_count or 1) * gluon_decode.resident_per_sm(max_registers))
         splits, per_split = _split_kv(pairs, max_kv, block_n, splits, programs_per_sm or 0.0, MIN_TOKENS_PER_SPLIT,
                                       self.sm_count or 1)
-        # Queries rotated once before the kernels, the exact tail read by the Triton kernel's tail-only
-        # launch (which takes the rotated queries too; warps: that launch's).
-        return LaunchPlan(16, 1, block_n, splits, per_split, lookup=3, rotated_query=True, separate_tail=True,
-                          gluon=True, max_registers=max_registers)
+        # Queries rotated once before the kernel; the exact tail, if any, is the kernel's last partial.
+        return LaunchPlan(16, 1, block_n, splits, per_split, lookup=3, rotated_query=True, gluon=True,
+                          max_registers=max_registers)
 
     # ---- per-quantizer operands -------------------------------------------
     def _tensors_for(self, quantizer: TurboQuantKVQuantizer, device: torch.device) -> dict:
@@ -252,8 +251,9 @@ class TurboQuantAttention:
             k_table, v_table = ops["k_table"], ops["v_table"]
         kn, vn = t["key_norm"], t["value_norm"]
         has_tail = exact_tail_in_use(pages, meta)
-        separate_tail = has_tail and plan.separate_tail
-        splits = plan.splits + (1 if separate_tail else 0)  # a second launch's tail partial follows the codes' splits
+        separate_tail = has_tail and plan.separate_tail and not plan.gluon
+        # The tail's partial follows the codes' splits when a launch or programs of its own read it.
+        splits = plan.splits + (1 if separate_tail or (has_tail and plan.gluon) else 0)
         partial = torch.empty(num_tokens, req.num_heads, splits, req.v_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(num_tokens, req.num_heads, splits, dtype=torch.float32, device=query.device)
         rot_chunk = min(32, req.head_dim, req.v_dim)
@@ -292,7 +292,8 @@ class TurboQuantAttention:
             )
 
         if plan.gluon:
-            self._launch_gluon(plan, ops, q_in, partial, lse, pages, meta, score_scale, has_tail)
+            self._launch_gluon(plan, ops, q_in, partial, lse, pages, meta, score_scale, tk, tv, slots, window, capacity,
+                               has_tail)
         else:
             launch((meta.num_seqs, q_tiles, req.num_kv_heads * plan.splits),
                    (1 if separate_tail else 3) if has_tail else 0)
@@ -324,18 +325,20 @@ class TurboQuantAttention:
         return out
 
     def _launch_gluon(self, plan: LaunchPlan, ops: dict, q_in: torch.Tensor, partial: torch.Tensor, lse: torch.Tensor,
-                      pages: KVPages, meta: AttentionMetadata, score_scale: float, has_tail: bool) -> None:
-        """The codes' splits by ``gluon_decode`` (the tail, if any, by the Triton kernel after it)."""
+                      pages: KVPages, meta: AttentionMetadata, score_scale: float, tk: torch.Tensor, tv: torch.Tensor,
+                      slots: torch.Tensor, window: int, capacity: int, has_tail: bool) -> None:
+        """``gluon_decode``: the codes' splits, and the exact tail (if any) as one more."""
         req, t = self.request, pages.tensors
         kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
         kn, vn = t["key_norm"], t["value_norm"]
-        window, capacity = (pages.exact_tail.window, pages.exact_tail.capacity) if has_tail else (0, 1)
-        gluon_decode.tq2_decode_gluon[(meta.num_seqs, req.num_kv_heads * plan.splits)](
+        gluon_decode.tq2_decode_gluon[(meta.num_seqs, req.num_kv_heads * (plan.splits + (1 if has_tail else 0)))](
             q_in, partial, lse, kc, kn, vc, vn, *ops["gluon_tables"],
-            meta.block_tables, meta.seq_lens, meta.query_start_loc, window, capacity,
-            req.num_kv_heads, score_scale, 1.0 / math.sqrt(req.v_dim), plan.tokens_per_split,
+            meta.block_tables, meta.seq_lens, meta.query_start_loc, tk, tv, slots, window, capacity,
+            req.num_kv_heads, score_scale, score_scale * math.sqrt(req.head_dim), 1.0 / math.sqrt(req.v_dim),
+            plan.tokens_per_split,
             q_in.stride(0), q_in.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), meta.block_tables.stride(0),
+            tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
             kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
             GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim,

@@ -34,8 +34,9 @@ element (``bench_turboquant_gluon.py --count``):
 Decode steps only (one query token per sequence), no sliding window, head
 dims 64 or 128 (the ones tested), pages a multiple of 16 tokens. Its partial
 outputs have the Triton kernel's layout, so ``kernels.combine_splits_kernel``
-merges and de-rotates them; the exact tail is read by the Triton kernel's
-tail-only launch. Measured against the Triton kernel and SDPA in
+merges and de-rotates them; the exact tail is read by programs of its own
+in the same launch (``_tail_partial``, plain bfloat16 / float16 products).
+Measured against the Triton kernel and SDPA in
 ``benchmarks/bench_turboquant_gluon.py``. Triton's CPU interpreter cannot run
 Gluon: on a CPU the tests compile it for sm_90 and run its PTX through a
 simulator (``tests/test_decode_asm.py``), and the GPU runs the kernel tests.
@@ -218,9 +219,11 @@ def _add_values(p, vn, ok, vw, v_gather, v_lo_t, v_hi_t, value_scale, acc0, acc1
 
 @_jit
 def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo, v_hi,
-                     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
-                     num_kv_heads, score_scale, value_scale, tokens_per_split,
+                     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tk_ptr, tv_ptr, seq_slots_ptr,
+                     tail_window, tail_capacity, num_kv_heads, score_scale, tail_score_scale, value_scale,
+                     tokens_per_split,
                      stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
+                     stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh,
                      stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_kch: gl.constexpr,
                      stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_knh: gl.constexpr,
                      stride_vcb: gl.constexpr, stride_vct: gl.constexpr, stride_vch: gl.constexpr,
@@ -228,16 +231,130 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                      GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                      KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr,
                      RESCALE_SLACK: gl.constexpr = RESCALE_SLACK):
-    """Grid: (sequences, KV heads x splits); one warp. Decode only (at most one query token
-    per sequence, at its last position, every earlier key visible). ``HAS_TAIL``: keys
+    """Grid: (sequences, KV heads x (splits + 1 with the exact tail)); one warp. Decode only
+    (at most one query token per sequence, at its last position, every earlier key
+    visible). Writes the rotated partial outputs and base-2 log-sum-exp of each split in
+    the layout of ``kernels.turboquant_attention_kernel``, so
+    ``kernels.combine_splits_kernel`` merges and de-rotates them. ``HAS_TAIL``: the keys
     that the exact tail holds for the query (position 0 and the latest ``tail_window``,
-    ``kernelplane.exact_tail``) are left to the tail's own launch. Writes the rotated partial
-    outputs and base-2 log-sum-exp of its split in the layout of
-    ``kernels.turboquant_attention_kernel``, so ``kernels.combine_splits_kernel`` merges and
-    de-rotates them. ``q_ptr``: queries already rotated (float32). ``kc_ptr``,
-    ``vc_ptr``: the code pages as 32-bit words (strides in words). ``k_int8, k_step``: the key
-    centroids as int8 (``int8_centroids``); ``v_lo, v_hi``: the value centroids
-    (``centroid_words``)."""
+    ``kernelplane.exact_tail``) are read from it by the first ``num_kv_heads`` programs
+    (``_tail_partial``, written as the last split), the codes cover the rest.
+    ``q_ptr``: queries already rotated (float32). ``kc_ptr``, ``vc_ptr``: the code pages
+    as 32-bit words (strides in words). ``k_int8, k_step``: the key centroids as int8
+    (``int8_centroids``); ``v_lo, v_hi``: the value centroids (``centroid_words``).
+    ``tail_score_scale``: for the tail's rows, which hold coordinates, not unit vectors."""
+    program = gl.program_id(1)
+    if HAS_TAIL:
+        # The tail's programs come first, so that they never start last.
+        if program < num_kv_heads:
+            _tail_partial(q_ptr, part_ptr, lse_ptr, tk_ptr, tv_ptr, seq_slots_ptr, seq_lens_ptr,
+                          query_start_loc_ptr, tail_window, tail_capacity, num_kv_heads, tail_score_scale,
+                          stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                          stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh, GROUP, HEAD_DIM)
+        else:
+            _codes_partial(program - num_kv_heads, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8,
+                           k_step, v_lo, v_hi, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window,
+                           tail_capacity, num_kv_heads, score_scale, value_scale, tokens_per_split,
+                           stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
+                           stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
+                           stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
+                           GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK)
+    else:
+        _codes_partial(program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo,
+                       v_hi, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
+                       num_kv_heads, score_scale, value_scale, tokens_per_split,
+                       stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
+                       stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
+                       stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
+                       GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK)
+
+
+@_jit
+def _tail_partial(q_ptr, part_ptr, lse_ptr, tk_ptr, tv_ptr, seq_slots_ptr, seq_lens_ptr, query_start_loc_ptr,
+                  tail_window, tail_capacity, num_kv_heads, tail_score_scale,
+                  stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+                  stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh,
+                  GROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """The exact tail's partial for one (sequence, KV head): position 0 and the positions
+    from where the codes end up to the query's own, 16 rows per step on tensor cores
+    (``kernelplane.exact_tail``: entry 0 holds position 0, entry ``1 + p % capacity``
+    position ``p``). Scores from the query's two parts in the tail's dtype (so they are
+    about float32-exact), weights and values in float16; written as the last split."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+    COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+    seq = gl.program_id(0)
+    kv_head = gl.program_id(1)
+    split = gl.num_programs(1) // num_kv_heads - 1
+    seq_len = gl.load(seq_lens_ptr + seq)
+    token = gl.load(query_start_loc_ptr + seq)
+    has_query = gl.load(query_start_loc_ptr + seq + 1) > token
+    # Rows t: position 0, then first .. seq_len - 1, where the codes end (as in _codes_partial).
+    first = gl.maximum(seq_len - tail_window, gl.maximum(seq_len - tail_capacity, 1))
+    rows = gl.where(has_query, 1 + seq_len - first, 0)
+    slot = gl.load(seq_slots_ptr + seq).to(gl.int64)
+    tk_head = tk_ptr + slot * stride_tks + kv_head.to(gl.int64) * stride_tkh
+    tv_head = tv_ptr + slot * stride_tvs + kv_head.to(gl.int64) * stride_tvh
+
+    offs_qm = gl.arange(0, 16, layout=gl.SliceLayout(1, A))
+    offs_qd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A))
+    q = gl.load(q_ptr + token.to(gl.int64) * stride_qt + gl.expand_dims((kv_head * GROUP + offs_qm) * stride_qh, 1) +
+                gl.expand_dims(offs_qd, 0), mask=gl.expand_dims((offs_qm < GROUP) & has_query, 1), other=0.0)
+    q_hi = q.to(tk_ptr.dtype.element_ty)
+    q_lo = (q - q_hi.to(gl.float32)).to(tk_ptr.dtype.element_ty)
+
+    offs_kd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B))  # K^T: dims x tail rows
+    offs_kt = gl.arange(0, 16, layout=gl.SliceLayout(0, B))
+    offs_vt = gl.arange(0, 16, layout=gl.SliceLayout(1, B))  # V: tail rows x dims
+    offs_vd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, B))
+    offs_st = gl.arange(0, 16, layout=COLS)
+    m_i = gl.full([16], -1.0e30, gl.float32, ROWS)
+    l_i = gl.zeros([16], gl.float32, ROWS)
+    acc = gl.zeros([16, HEAD_DIM], gl.float32, MMA)
+    for t0 in range(0, rows, 16):
+        t = t0 + offs_kt
+        entry = gl.where(t == 0, 0, 1 + (first + t - 1) % tail_capacity)
+        k = gl.load(tk_head + gl.expand_dims(entry * stride_tke, 0) + gl.expand_dims(offs_kd, 1),
+                    mask=gl.expand_dims(t < rows, 0), other=0.0)
+        s = mma_v2(q_lo, k, mma_v2(q_hi, k, gl.zeros([16, 16], gl.float32, MMA)))
+        s = s * tail_score_scale + gl.expand_dims(gl.where(t0 + offs_st < rows, 0.0, float("-inf")), 0)
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        t = t0 + offs_vt
+        entry = gl.where(t == 0, 0, 1 + (first + t - 1) % tail_capacity)
+        v = gl.load(tv_head + gl.expand_dims(entry * stride_tve, 1) + gl.expand_dims(offs_vd, 0),
+                    mask=gl.expand_dims(t < rows, 1), other=0.0)
+        acc = mma_v2(gl.convert_layout(p.to(gl.float16), A), v.to(gl.float16), acc * gl.expand_dims(alpha, 1))
+
+    seen = l_i > 0.0
+    offs_h = gl.arange(0, 16, layout=ROWS)
+    head_ok = (offs_h < GROUP) & has_query
+    gl.store(lse_ptr + token.to(gl.int64) * stride_lt + (kv_head * GROUP + offs_h) * stride_lh + split,
+             gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf")), mask=head_ok)
+    offs_d = gl.arange(0, HEAD_DIM, layout=COLS)
+    gl.store(part_ptr + token.to(gl.int64) * stride_pt + gl.expand_dims((kv_head * GROUP + offs_h) * stride_ph, 1) +
+             split * stride_ps + gl.expand_dims(offs_d, 0),
+             acc * gl.expand_dims(1.0 / gl.where(seen, l_i, 1.0), 1), mask=gl.expand_dims(head_ok, 1))
+
+
+@_jit
+def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo, v_hi,
+                   block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
+                   num_kv_heads, score_scale, value_scale, tokens_per_split,
+                   stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
+                   stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_kch: gl.constexpr,
+                   stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_knh: gl.constexpr,
+                   stride_vcb: gl.constexpr, stride_vct: gl.constexpr, stride_vch: gl.constexpr,
+                   stride_vnb: gl.constexpr, stride_vnt: gl.constexpr, stride_vnh: gl.constexpr,
+                   GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr, RESCALE_SLACK: gl.constexpr):
+    """One program of ``tq2_decode_gluon`` over the codes: KV head and split from
+    ``code_program`` (``kv_head + num_kv_heads * split``)."""
     HALF: gl.constexpr = BLOCK_N // 2
     FW: gl.constexpr = HEAD_DIM // 4  # code bytes per row
     WORDS: gl.constexpr = HEAD_DIM // 16  # code words per row
@@ -250,8 +367,8 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     KEYS: gl.constexpr = gl.SliceLayout(0, MMA)
 
     seq = gl.program_id(0)
-    kv_head = gl.program_id(1) % num_kv_heads
-    split = gl.program_id(1) // num_kv_heads
+    kv_head = code_program % num_kv_heads
+    split = code_program // num_kv_heads
     seq_len = gl.load(seq_lens_ptr + seq)
     token = gl.load(query_start_loc_ptr + seq)
     has_query = gl.load(query_start_loc_ptr + seq + 1) > token
