@@ -10,7 +10,8 @@ SM) (CUDA-graph replays over >= 256 MB of cache, as ``bench_turboquant.py``),
 after checking both against the reference attention on written pages. The
 exact tail is off in that table; a second one times SmolLM2's shape (Hq 9 /
 Hkv 3, head dim 64) with the engine's exact tail of 64 tokens, which the
-Gluon plan reads by a second launch of the Triton kernel.
+Gluon kernel reads in programs of its own (the Triton plan in its last split
+or by a second launch).
 
 Without a GPU, ``--count`` compiles the kernel for sm_90 and counts its main
 loop's instructions per K/V element (as ``count_sass.py`` does for the
