@@ -33,7 +33,9 @@ TARGET_PROGRAMS_PER_SM = 2.0
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 128
 DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the decode plan
-COMBINE_SPLIT_CHUNK = 16  # partials merged per load
+# The split combine's loads: about this many float32 elements each (64 per thread of its 4 warps).
+COMBINE_TILE = 8192
+COMBINE_OUT_CHUNK = 32  # output columns per rotation product in the combine
 ROTATE_ROWS, ROTATE_COLS = 32, 32  # query rows and output columns per program of the rotation before decoding
 
 
@@ -299,14 +301,16 @@ class TurboQuantAttention:
                    (1 if separate_tail else 3) if has_tail else 0)
         if separate_tail:
             launch((meta.num_seqs, q_tiles, req.num_kv_heads), 2)
+        rows = next_pow2(self.group)
         kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](
             partial, lse, out, ops["o_hi"], ops["o_lo"], splits,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            GROUP=self.group, BLOCK_H=max(16, next_pow2(self.group)), BLOCK_S=max(2, next_pow2(splits)),
-            SPLIT_CHUNK=COMBINE_SPLIT_CHUNK,
-            HEAD_DIM_V=req.v_dim, ROT_CHUNK=rot_chunk, UPCAST=_INTERPRETED,
+            GROUP=self.group, BLOCK_H=rows, BLOCK_S=max(2, next_pow2(splits)),
+            SPLIT_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE // (rows * req.v_dim))),
+            HEAD_DIM_V=req.v_dim, OUT_CHUNK=min(COMBINE_OUT_CHUNK, req.v_dim), REPEAT=max(1, 16 // rows),
+            UPCAST=_INTERPRETED,
             num_warps=4,
         )
         return out

@@ -461,12 +461,16 @@ def combine_splits_kernel(
     stride_lt, stride_lh,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr, ROT_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, OUT_CHUNK: tl.constexpr, REPEAT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Grid: (tokens, KV heads). Merges the rotated partials of the group's
-    query heads by their log-sum-exp, then rotates back: ``out = merged @ R``.
-    The partials are read ``SPLIT_CHUNK`` splits per load, so that a long
-    split list costs a few loads in flight, not one load after another."""
+    query heads (``BLOCK_H`` rows, the group padded to a power of two) by
+    their log-sum-exp, then rotates back: ``out = merged @ R`` (``R`` in two
+    bfloat16 parts, so the products are about float32-exact). Each load takes
+    ``SPLIT_CHUNK`` splits of every column, so that a long split list costs
+    few loads one after another (a column slice of every split, then the
+    next slice, took four times as many). The product needs 16 rows: the
+    merged rows go in ``REPEAT`` times and one copy comes out."""
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     offs_h = tl.arange(0, BLOCK_H)
@@ -481,28 +485,32 @@ def combine_splits_kernel(
     total = tl.sum(tl.exp2(lse - m[:, None]), 1)
     inv_total = 1.0 / tl.where(total > 0.0, total, 1.0)
 
-    offs_c = tl.arange(0, ROT_CHUNK)
     offs_k = tl.arange(0, SPLIT_CHUNK)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
+    offs_d = tl.arange(0, HEAD_DIM_V)
     part_rows = part_ptr + token * stride_pt + head * stride_ph
-    out = tl.zeros([BLOCK_H, HEAD_DIM_V], dtype=tl.float32)
-    for c in tl.static_range(0, HEAD_DIM_V, ROT_CHUNK):
-        merged = tl.zeros([BLOCK_H, ROT_CHUNK], dtype=tl.float32)
-        for s0 in range(0, num_splits, SPLIT_CHUNK):
-            split = s0 + offs_k
-            ok = head_ok[:, None] & (split[None, :] < num_splits)
-            weight = tl.exp2(tl.load(lse_rows[:, None] + split[None, :], mask=ok, other=float("-inf")) - m[:, None])
-            part = tl.load(part_rows[:, None, None] + split[None, :, None] * stride_ps + (c + offs_c)[None, None, :],
-                           mask=ok[:, :, None], other=0.0)
-            merged += tl.sum(part * weight[:, :, None], 1)
-        merged = merged * inv_total[:, None]
-        m_offs = (c + offs_c)[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    merged = tl.zeros([BLOCK_H, HEAD_DIM_V], dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        split = s0 + offs_k
+        ok = head_ok[:, None] & (split[None, :] < num_splits)
+        weight = tl.exp2(tl.load(lse_rows[:, None] + split[None, :], mask=ok, other=float("-inf")) - m[:, None])
+        part = tl.load(part_rows[:, None, None] + split[None, :, None] * stride_ps + offs_d[None, None, :],
+                       mask=ok[:, :, None], other=0.0)
+        merged += tl.sum(part * weight[:, :, None], 1)
+    merged = merged * inv_total[:, None]
+    merged = tl.reshape(tl.broadcast_to(merged[None, :, :], [REPEAT, BLOCK_H, HEAD_DIM_V]),
+                        [REPEAT * BLOCK_H, HEAD_DIM_V])
+    x_hi = merged.to(tl.bfloat16)
+    x_lo = (merged - x_hi.to(tl.float32)).to(tl.bfloat16)
+
+    offs_j = tl.arange(0, OUT_CHUNK)
+    out_rows = out_ptr + token * stride_ot + head[:, None] * stride_oh
+    for j0 in tl.static_range(0, HEAD_DIM_V, OUT_CHUNK):
+        m_offs = offs_d[:, None] * HEAD_DIM_V + (j0 + offs_j)[None, :]
         m_hi = tl.load(orot_hi_ptr + m_offs)
         m_lo = tl.load(orot_lo_ptr + m_offs)
-        x_hi = merged.to(tl.bfloat16)
-        x_lo = (merged - x_hi.to(tl.float32)).to(tl.bfloat16)
+        out = tl.zeros([REPEAT * BLOCK_H, OUT_CHUNK], dtype=tl.float32)
         out = _dot(x_hi, m_hi, out, "ieee", UPCAST)
         out = _dot(x_lo, m_hi, out, "ieee", UPCAST)
         out = _dot(x_hi, m_lo, out, "ieee", UPCAST)
-    out_ptrs = out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_dv[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        out = tl.sum(tl.reshape(out, [REPEAT, BLOCK_H, OUT_CHUNK]), 0) * (1.0 / REPEAT)  # copies equal: exact
+        tl.store(out_rows + (j0 + offs_j)[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
