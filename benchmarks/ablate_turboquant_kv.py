@@ -23,7 +23,12 @@ Variants printed (perplexity, change against the float32 cache):
   window's first 128 tokens (a per-sequence offset from its prompt), and a
   per-channel key scale from the start-up text's queries and keys;
 - with ``--split-channels``: the mixed 2.5-bit layout (half of each head's
-  channels at 3 bits, half at 2) against the uniform formats.
+  channels at 3 bits, half at 2) against the uniform formats;
+- with ``--principal N`` (the first and latest N tokens exact): keys split in
+  the basis of their principal directions (from held-out text of the same
+  corpus), the 16 strongest directions at more bits than the other 48, each
+  part its own rotated vector with its own norm, at the bytes of a uniform
+  format or fewer; values uniform.
 
     python benchmarks/ablate_turboquant_kv.py [--windows 2] [--window 512] [--threads 2]
 """
@@ -125,6 +130,9 @@ def main() -> int:
                     help="instead: with the first and latest N tokens exact, where the key offset comes from "
                          "(the window, the engine's start-up text, the window's first 128 tokens) and a "
                          "per-channel key scale from the start-up text's queries and keys")
+    ap.add_argument("--principal", type=int, metavar="N", default=0,
+                    help="instead: with the first and latest N tokens exact, keys split by principal directions "
+                         "(the 16 strongest at more bits) against uniform keys at the same or more bytes")
     ap.add_argument("--per-layer", type=int, metavar="BITS", default=0,
                     help="instead: each layer alone with K and V at BITS bits, then all layers but the most "
                          "sensitive ones")
@@ -188,6 +196,10 @@ def main() -> int:
         return 0
     if args.offsets:
         offsets(report, codecs, priming_statistics(lm), args.offsets)
+        return 0
+    if args.principal:
+        held_out = ids[args.windows * args.window:args.windows * args.window + 2048]
+        principal(report, codecs, key_statistics(lm, held_out), args.principal)
         return 0
     if args.per_layer:
         per_layer(report, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer,
@@ -308,6 +320,88 @@ def offsets(report, codecs, stats: list[dict], recent: int) -> None:
         for source in ("priming", "prompt"):
             report(f"K+V {bits} bits, offset from the {source}, key scale from the priming text",
                    variant(bits, source, True), recent=recent, per_layer=True)
+
+
+@torch.inference_mode()
+def key_statistics(lm, ids: list[int]) -> list[dict]:
+    """Per layer, from one prefill of ``ids`` (tokens after the first): the key mean and the
+    principal directions of the centred keys (``[kv_heads, dim, dim]``, columns strongest
+    first) with the share of the key energy along each."""
+    model, c = lm.model, lm.config
+    group = c.num_heads // c.num_kv_heads
+    stores = [dict() for _ in model.layers]
+    for layer, store in zip(model.layers, stores):
+        layer.self_attn.backend = RecordingAttention(group, store)
+    n = len(ids)
+    blocks = math.ceil(n / 16)
+    caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
+              for _ in range(c.num_layers)]
+    model(torch.tensor(ids), torch.arange(n), caches, AttentionMetadata.build([n], [n], [list(range(blocks))], 16))
+    stats = []
+    for store in stores:
+        k = store["k"][1:].double()
+        mu = k.mean(0)
+        y = (k - mu).transpose(0, 1)  # [heads, tokens, dim]
+        energy, basis = torch.linalg.eigh(y.transpose(1, 2) @ y)
+        stats.append({"mu": mu.float(), "basis": basis.flip(-1).float(),
+                      "share": (energy.flip(-1) / energy.sum(-1, keepdim=True)).float()})
+    return stats
+
+
+def sphere_levels(bits: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Lloyd-Max levels (ascending) for one coordinate of a random unit vector of ``dim``
+    times sqrt(dim), from samples (any bit width; the plugin's codebooks stop at 4)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(200_000, dim, generator=gen, dtype=torch.float64)
+    x = (x / x.norm(dim=1, keepdim=True) * math.sqrt(dim)).flatten()[:1_000_000].sort().values
+    levels = x[torch.linspace(0, x.numel() - 1, 2 ** bits + 2).long()[1:-1]]
+    for _ in range(60):
+        cell = torch.bucketize(x, (levels[1:] + levels[:-1]) / 2)
+        levels = torch.zeros_like(levels).index_add_(0, cell, x) / torch.bincount(cell, minlength=levels.numel())
+    return levels.float()
+
+
+def part_round_trip(z: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
+    """``z [..., m]`` as TurboQuant stores a vector: a random rotation, each coordinate of
+    the unit direction at its nearest level, the norm kept (the "mse" scale)."""
+    m = z.shape[-1]
+    rot = torch.linalg.qr(torch.randn(m, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+    rot = rot.float()
+    levels = sphere_levels(bits, m)
+    norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    u = (z / norm) @ rot.T * math.sqrt(m)
+    q = levels[torch.bucketize(u, (levels[1:] + levels[:-1]) / 2)]
+    return (q / math.sqrt(m)) @ rot * norm
+
+
+def principal(report, codecs, stats: list[dict], recent: int, strong: int = 16) -> None:
+    """Keys split by principal directions against uniform keys, first and latest ``recent``
+    exact; offsets and directions from held-out text. Bytes per key at head dim 64
+    (codes + fp16 norms): uniform b bits 8b + 2; split 16 at s bits + 48 at w bits
+    (16 s + 48 w) / 8 + 4."""
+    print("share of the centred keys' energy along the 16 strongest directions (mean over layers and heads): "
+          f"{torch.stack([st['share'][:, :strong].sum(-1) for st in stats]).mean():.3f}")
+
+    def variant(kbits, vbits, split=None):
+        def transform(k, v, layer):
+            head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
+            st = stats[layer]
+            if split is None:
+                k = codecs[kbits].decode(*codecs[kbits].encode(k - st["mu"])) + st["mu"]
+            else:
+                z = torch.einsum("thd,hde->the", k - st["mu"], st["basis"])
+                z = torch.cat([part_round_trip(z[..., :strong], split[0], 1), part_round_trip(z[..., strong:], split[1], 2)],
+                              dim=-1)
+                k = torch.einsum("the,hde->thd", z, st["basis"]) + st["mu"]
+            v = codecs[vbits].decode(*codecs[vbits].encode(v))
+            return torch.cat([head_k, k]), torch.cat([head_v, v])
+        return transform
+
+    for bits, splits in ((4, [(6, 3)]), (3, [(4, 2), (5, 2)])):
+        report(f"keys {bits} bits ({8 * bits + 2} B), values {bits}", variant(bits, bits), recent=recent, per_layer=True)
+        for hi, lo in splits:
+            report(f"keys {strong} strongest directions {hi} bits + rest {lo} ({(strong * hi + (64 - strong) * lo) // 8 + 4}"
+                   f" B), values {bits}", variant(bits, bits, (hi, lo)), recent=recent, per_layer=True)
 
 
 def per_layer(report, transform: Transform, bits: int, num_layers: int) -> None:
