@@ -133,6 +133,9 @@ def main() -> int:
     ap.add_argument("--principal", type=int, metavar="N", default=0,
                     help="instead: with the first and latest N tokens exact, keys split by principal directions "
                          "(the 16 strongest at more bits) against uniform keys at the same or more bytes")
+    ap.add_argument("--score-order", action="store_true",
+                    help="with --principal: also directions ordered by their share of the score variance, and "
+                         "values split by their own principal directions")
     ap.add_argument("--per-layer", type=int, metavar="BITS", default=0,
                     help="instead: each layer alone with K and V at BITS bits, then all layers but the most "
                          "sensitive ones")
@@ -199,7 +202,7 @@ def main() -> int:
         return 0
     if args.principal:
         held_out = ids[args.windows * args.window:args.windows * args.window + 2048]
-        principal(report, codecs, key_statistics(lm, held_out), args.principal)
+        principal(report, codecs, key_statistics(lm, held_out), args.principal, score_order=args.score_order)
         return 0
     if args.per_layer:
         per_layer(report, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer,
@@ -267,7 +270,8 @@ class RecordingAttention:
         self.group, self.store = group, store
 
     def forward(self, query, pages, meta):
-        self.store["q"], self.store["k"] = query, pages.key.flatten(0, 1)[:query.shape[0]]
+        n = query.shape[0]
+        self.store["q"], self.store["k"], self.store["v"] = query, pages.key.flatten(0, 1)[:n], pages.value.flatten(0, 1)[:n]
         return WindowAttention(self.group, None).forward(query, pages, meta)
 
 
@@ -324,9 +328,11 @@ def offsets(report, codecs, stats: list[dict], recent: int) -> None:
 
 @torch.inference_mode()
 def key_statistics(lm, ids: list[int]) -> list[dict]:
-    """Per layer, from one prefill of ``ids`` (tokens after the first): the key mean and the
+    """Per layer, from one prefill of ``ids`` (tokens after the first): the key mean; the
     principal directions of the centred keys (``[kv_heads, dim, dim]``, columns strongest
-    first) with the share of the key energy along each."""
+    first) with the share of the key energy along each; the same directions ordered by
+    their share of the score variance (key energy times the queries' mean square along
+    them); the values' principal directions (not centred, as the plugin stores them)."""
     model, c = lm.model, lm.config
     group = c.num_heads // c.num_kv_heads
     stores = [dict() for _ in model.layers]
@@ -343,8 +349,15 @@ def key_statistics(lm, ids: list[int]) -> list[dict]:
         mu = k.mean(0)
         y = (k - mu).transpose(0, 1)  # [heads, tokens, dim]
         energy, basis = torch.linalg.eigh(y.transpose(1, 2) @ y)
-        stats.append({"mu": mu.float(), "basis": basis.flip(-1).float(),
-                      "share": (energy.flip(-1) / energy.sum(-1, keepdim=True)).float()})
+        energy, basis = energy.flip(-1), basis.flip(-1)
+        q = store["q"][1:].double().unflatten(1, (c.num_kv_heads, group))  # [tokens, heads, group, dim]
+        query_ms = torch.einsum("thgd,hde->the", q, basis).pow(2).mean(0)
+        order = (energy * query_ms).argsort(dim=-1, descending=True)
+        v = store["v"][1:].double().transpose(0, 1)
+        v_basis = torch.linalg.eigh(v.transpose(1, 2) @ v)[1].flip(-1)
+        stats.append({"mu": mu.float(), "basis": basis.float(), "share": (energy / energy.sum(-1, keepdim=True)).float(),
+                      "score_basis": basis.gather(2, order[:, None, :].expand_as(basis)).float(),
+                      "value_basis": v_basis.float()})
     return stats
 
 
@@ -374,34 +387,48 @@ def part_round_trip(z: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     return (q / math.sqrt(m)) @ rot * norm
 
 
-def principal(report, codecs, stats: list[dict], recent: int, strong: int = 16) -> None:
+def principal(report, codecs, stats: list[dict], recent: int, strong: int = 16, score_order: bool = False) -> None:
     """Keys split by principal directions against uniform keys, first and latest ``recent``
     exact; offsets and directions from held-out text. Bytes per key at head dim 64
     (codes + fp16 norms): uniform b bits 8b + 2; split 16 at s bits + 48 at w bits
-    (16 s + 48 w) / 8 + 4."""
+    (16 s + 48 w) / 8 + 4. ``score_order``: also the strongest directions by their share of
+    the score variance, and values split too."""
     print("share of the centred keys' energy along the 16 strongest directions (mean over layers and heads): "
           f"{torch.stack([st['share'][:, :strong].sum(-1) for st in stats]).mean():.3f}")
 
-    def variant(kbits, vbits, split=None):
+    def split_round_trip(x, basis, split):
+        z = torch.einsum("thd,hde->the", x, basis)
+        z = torch.cat([part_round_trip(z[..., :strong], split[0], 1), part_round_trip(z[..., strong:], split[1], 2)],
+                      dim=-1)
+        return torch.einsum("the,hde->thd", z, basis)
+
+    def variant(bits, split=None, order="basis", value_split=None):
         def transform(k, v, layer):
             head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
             st = stats[layer]
             if split is None:
-                k = codecs[kbits].decode(*codecs[kbits].encode(k - st["mu"])) + st["mu"]
+                k = codecs[bits].decode(*codecs[bits].encode(k - st["mu"])) + st["mu"]
             else:
-                z = torch.einsum("thd,hde->the", k - st["mu"], st["basis"])
-                z = torch.cat([part_round_trip(z[..., :strong], split[0], 1), part_round_trip(z[..., strong:], split[1], 2)],
-                              dim=-1)
-                k = torch.einsum("the,hde->thd", z, st["basis"]) + st["mu"]
-            v = codecs[vbits].decode(*codecs[vbits].encode(v))
+                k = split_round_trip(k - st["mu"], st[order], split) + st["mu"]
+            if value_split is None:
+                v = codecs[bits].decode(*codecs[bits].encode(v))
+            else:
+                v = split_round_trip(v, st["value_basis"], value_split)
             return torch.cat([head_k, k]), torch.cat([head_v, v])
         return transform
 
+    def name(hi, lo):
+        return f"{strong} strongest directions {hi} bits + rest {lo} ({(strong * hi + (64 - strong) * lo) // 8 + 4} B)"
+
     for bits, splits in ((4, [(6, 3)]), (3, [(4, 2), (5, 2)])):
-        report(f"keys {bits} bits ({8 * bits + 2} B), values {bits}", variant(bits, bits), recent=recent, per_layer=True)
-        for hi, lo in splits:
-            report(f"keys {strong} strongest directions {hi} bits + rest {lo} ({(strong * hi + (64 - strong) * lo) // 8 + 4}"
-                   f" B), values {bits}", variant(bits, bits, (hi, lo)), recent=recent, per_layer=True)
+        report(f"keys {bits} bits ({8 * bits + 2} B), values {bits}", variant(bits), recent=recent, per_layer=True)
+        for hi, lo in splits if not score_order else []:
+            report(f"keys {name(hi, lo)}, values {bits}", variant(bits, (hi, lo)), recent=recent, per_layer=True)
+    if score_order:
+        for bits, (hi, lo) in ((4, (6, 3)), (3, (5, 2))):
+            report(f"keys {name(hi, lo)} by score share, values {bits}", variant(bits, (hi, lo), "score_basis"),
+                   recent=recent, per_layer=True)
+        report(f"keys and values {name(6, 3)}", variant(4, (6, 3), value_split=(6, 3)), recent=recent, per_layer=True)
 
 
 def per_layer(report, transform: Transform, bits: int, num_layers: int) -> None:
