@@ -133,6 +133,8 @@ def main() -> int:
     ap.add_argument("--principal", type=int, metavar="N", default=0,
                     help="instead: with the first and latest N tokens exact, keys split by principal directions "
                          "(the 16 strongest at more bits) against uniform keys at the same or more bytes")
+    ap.add_argument("--strong", type=int, default=16, metavar="M",
+                    help="with --principal: how many of the 64 directions get more bits")
     ap.add_argument("--score-order", action="store_true",
                     help="with --principal: also directions ordered by their share of the score variance, and "
                          "values split by their own principal directions")
@@ -202,7 +204,8 @@ def main() -> int:
         return 0
     if args.principal:
         held_out = ids[args.windows * args.window:args.windows * args.window + 2048]
-        principal(report, codecs, key_statistics(lm, held_out), args.principal, score_order=args.score_order)
+        principal(report, codecs, key_statistics(lm, held_out), args.principal, strong=args.strong,
+                  score_order=args.score_order)
         return 0
     if args.per_layer:
         per_layer(report, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer,
@@ -393,7 +396,7 @@ def principal(report, codecs, stats: list[dict], recent: int, strong: int = 16, 
     (codes + fp16 norms): uniform b bits 8b + 2; split 16 at s bits + 48 at w bits
     (16 s + 48 w) / 8 + 4. ``score_order``: also the strongest directions by their share of
     the score variance, and values split too."""
-    print("share of the centred keys' energy along the 16 strongest directions (mean over layers and heads): "
+    print(f"share of the centred keys' energy along the {strong} strongest directions (mean over layers and heads): "
           f"{torch.stack([st['share'][:, :strong].sum(-1) for st in stats]).mean():.3f}")
 
     def split_round_trip(x, basis, split):
@@ -420,15 +423,22 @@ def principal(report, codecs, stats: list[dict], recent: int, strong: int = 16, 
     def name(hi, lo):
         return f"{strong} strongest directions {hi} bits + rest {lo} ({(strong * hi + (64 - strong) * lo) // 8 + 4} B)"
 
-    for bits, splits in ((4, [(6, 3)]), (3, [(4, 2), (5, 2)])):
+    def split_for(bits):
+        """The most bits for the strong part with the rest at ``bits - 1``, within the uniform format's bytes."""
+        lo = bits - 1
+        return min(8, (8 * (8 * bits - 2) - (64 - strong) * lo) // strong), lo
+
+    for bits, splits in ((4, [split_for(4)]), (3, [(4, 2), split_for(3)] if strong == 16 else [split_for(3)])):
         report(f"keys {bits} bits ({8 * bits + 2} B), values {bits}", variant(bits), recent=recent, per_layer=True)
         for hi, lo in splits if not score_order else []:
             report(f"keys {name(hi, lo)}, values {bits}", variant(bits, (hi, lo)), recent=recent, per_layer=True)
     if score_order:
-        for bits, (hi, lo) in ((4, (6, 3)), (3, (5, 2))):
-            report(f"keys {name(hi, lo)} by score share, values {bits}", variant(bits, (hi, lo), "score_basis"),
-                   recent=recent, per_layer=True)
-        report(f"keys and values {name(6, 3)}", variant(4, (6, 3), value_split=(6, 3)), recent=recent, per_layer=True)
+        for bits in (4, 3):
+            report(f"keys {name(*split_for(bits))} by score share, values {bits}",
+                   variant(bits, split_for(bits), "score_basis"), recent=recent, per_layer=True)
+        if strong == 16:
+            report(f"keys and values {name(6, 3)}", variant(4, (6, 3), value_split=(6, 3)), recent=recent,
+                   per_layer=True)
 
 
 def per_layer(report, transform: Transform, bits: int, num_layers: int) -> None:
