@@ -135,6 +135,8 @@ def main() -> int:
                          "(the 16 strongest at more bits) against uniform keys at the same or more bytes")
     ap.add_argument("--strong", type=int, default=16, metavar="M",
                     help="with --principal: how many of the 64 directions get more bits")
+    ap.add_argument("--rotation-seed", type=int, default=0, metavar="S",
+                    help="with --principal: other random rotations for the split's parts")
     ap.add_argument("--score-order", action="store_true",
                     help="with --principal: also directions ordered by their share of the score variance, and "
                          "values split by their own principal directions")
@@ -205,7 +207,7 @@ def main() -> int:
     if args.principal:
         held_out = ids[args.windows * args.window:args.windows * args.window + 2048]
         principal(report, codecs, key_statistics(lm, held_out), args.principal, strong=args.strong,
-                  score_order=args.score_order)
+                  score_order=args.score_order, seed=args.rotation_seed)
         return 0
     if args.per_layer:
         per_layer(report, variant(kbits=args.per_layer, vbits=args.per_layer), args.per_layer,
@@ -390,19 +392,21 @@ def part_round_trip(z: torch.Tensor, bits: int, seed: int) -> torch.Tensor:
     return (q / math.sqrt(m)) @ rot * norm
 
 
-def principal(report, codecs, stats: list[dict], recent: int, strong: int = 16, score_order: bool = False) -> None:
+def principal(report, codecs, stats: list[dict], recent: int, strong: int = 16, score_order: bool = False,
+              seed: int = 0) -> None:
     """Keys split by principal directions against uniform keys, first and latest ``recent``
     exact; offsets and directions from held-out text. Bytes per key at head dim 64
     (codes + fp16 norms): uniform b bits 8b + 2; split 16 at s bits + 48 at w bits
     (16 s + 48 w) / 8 + 4. ``score_order``: also the strongest directions by their share of
-    the score variance, and values split too."""
+    the score variance, and values split too. ``seed``: moves the parts' random rotations
+    (how much a result owes to one draw)."""
     print(f"share of the centred keys' energy along the {strong} strongest directions (mean over layers and heads): "
           f"{torch.stack([st['share'][:, :strong].sum(-1) for st in stats]).mean():.3f}")
 
     def split_round_trip(x, basis, split):
         z = torch.einsum("thd,hde->the", x, basis)
-        z = torch.cat([part_round_trip(z[..., :strong], split[0], 1), part_round_trip(z[..., strong:], split[1], 2)],
-                      dim=-1)
+        z = torch.cat([part_round_trip(z[..., :strong], split[0], 1 + 2 * seed),
+                       part_round_trip(z[..., strong:], split[1], 2 + 2 * seed)], dim=-1)
         return torch.einsum("the,hde->thd", z, basis)
 
     def variant(bits, split=None, order="basis", value_split=None):
