@@ -269,7 +269,7 @@ def split_channels(report, variant, dim: int) -> None:
 
 
 class RecordingAttention:
-    """Exact causal attention that keeps one layer's queries and keys (the start-up text's statistics)."""
+    """Exact causal attention that keeps one layer's queries, keys and values (``record_prefill``)."""
 
     def __init__(self, group: int, store: dict):
         self.group, self.store = group, store
@@ -281,25 +281,31 @@ class RecordingAttention:
 
 
 @torch.inference_mode()
+def record_prefill(lm, ids: list[int]) -> list[dict]:
+    """One exact prefill of ``ids``; per layer, its queries, keys and values (``q``, ``k``, ``v``)."""
+    model, c = lm.model, lm.config
+    stores = [dict() for _ in model.layers]
+    for layer, store in zip(model.layers, stores):
+        layer.self_attn.backend = RecordingAttention(c.num_heads // c.num_kv_heads, store)
+    n = len(ids)
+    blocks = math.ceil(n / 16)
+    caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
+              for _ in range(c.num_layers)]
+    model(torch.tensor(ids), torch.arange(n), caches, AttentionMetadata.build([n], [n], [list(range(blocks))], 16))
+    return stores
+
+
+@torch.inference_mode()
 def priming_statistics(lm) -> list[dict]:
     """Per layer, from one prefill of the engine's start-up text, over its tokens after the
     first: the key mean (the engine's offset also counts the first token), the keys'
     per-channel variance and the queries' per-channel mean square (per KV head, over its
     query group), each ``[kv_heads, dim]``."""
     from kernelplane.engine.engine import KV_PRIMING_TEXT
-    model, c = lm.model, lm.config
+    c = lm.config
     group = c.num_heads // c.num_kv_heads
-    ids = lm.tokenizer.encode(KV_PRIMING_TEXT)
-    stores = [dict() for _ in model.layers]
-    for layer, store in zip(model.layers, stores):
-        layer.self_attn.backend = RecordingAttention(group, store)
-    n = len(ids)
-    blocks = math.ceil(n / 16)
-    caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
-              for _ in range(c.num_layers)]
-    model(torch.tensor(ids), torch.arange(n), caches, AttentionMetadata.build([n], [n], [list(range(blocks))], 16))
     stats = []
-    for store in stores:
+    for store in record_prefill(lm, lm.tokenizer.encode(KV_PRIMING_TEXT)):
         k = store["k"][1:]  # the first token is exact in the tail and would dominate the mean
         q = store["q"][1:].unflatten(1, (c.num_kv_heads, group))
         stats.append({"mu": k.mean(0), "key_var": k.var(0), "query_ms": q.pow(2).mean((0, 2))})
@@ -338,18 +344,10 @@ def key_statistics(lm, ids: list[int]) -> list[dict]:
     first) with the share of the key energy along each; the same directions ordered by
     their share of the score variance (key energy times the queries' mean square along
     them); the values' principal directions (not centred, as the plugin stores them)."""
-    model, c = lm.model, lm.config
+    c = lm.config
     group = c.num_heads // c.num_kv_heads
-    stores = [dict() for _ in model.layers]
-    for layer, store in zip(model.layers, stores):
-        layer.self_attn.backend = RecordingAttention(group, store)
-    n = len(ids)
-    blocks = math.ceil(n / 16)
-    caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
-              for _ in range(c.num_layers)]
-    model(torch.tensor(ids), torch.arange(n), caches, AttentionMetadata.build([n], [n], [list(range(blocks))], 16))
     stats = []
-    for store in stores:
+    for store in record_prefill(lm, ids):
         k = store["k"][1:].double()
         mu = k.mean(0)
         y = (k - mu).transpose(0, 1)  # [heads, tokens, dim]
