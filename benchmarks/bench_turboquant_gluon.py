@@ -147,10 +147,8 @@ def smollm2_with_tail(bt, gen) -> None:
                                                       dtype="bfloat16")).implementation
     backend = select("attention", request, override="turboquant").implementation
     print(f"\nSmolLM2 shape (Hq {hq} / Hkv {hkv}, head dim {dim}), exact tail {tail}, µs")
-    gluon_variants = {label: VARIANTS[label] for label in ("default",)}
-    print("| B | L | Triton, tail in its last split | Triton, tail by a second launch | "
-          + " | ".join(f"Gluon {label}" for label in gluon_variants)
-          + " | backend's choice |\n|---|---|---|---|" + "---|" * len(gluon_variants))
+    print("| B | L | Triton, tail in its last split | Triton, tail by a second launch | Gluon default | "
+          "backend's choice |\n|---|---|---|---|---|")
     for batch, ctx in [(1, 1536), (4, 1536), (16, 1536), (64, 1536), (1, 4096), (4, 4096), (16, 4096), (64, 4096),
                        (128, 1536)]:
         tables, used = bt.tables_for([ctx] * batch, 16, 0, gen)
@@ -163,8 +161,7 @@ def smollm2_with_tail(bt, gen) -> None:
         meta = AttentionMetadata.build([1] * batch, [ctx] * batch, tables, 16, "cuda", seq_slots=list(range(batch)))
         q = torch.randn(batch, hq, dim, device="cuda", dtype=torch.bfloat16)
         times = []
-        for plan_kw in (dict(gluon=False), dict(gluon=False, separate_tail=True),
-                        *(dict(gluon=True, **plan_kw) for plan_kw in gluon_variants.values())):
+        for plan_kw in (dict(gluon=False), dict(gluon=False, separate_tail=True), dict(gluon=True)):
             plan = backend.plan(meta, bits=2, **plan_kw)
             times.append(bt.time_graph([lambda p=plan: backend.forward(q, pages, meta, plan=p)]))
         choice = "Gluon" if backend.plan(meta, bits=2).gluon else "Triton"
