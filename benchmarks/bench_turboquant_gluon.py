@@ -148,7 +148,7 @@ def smollm2_with_tail(bt, gen) -> None:
     backend = select("attention", request, override="turboquant").implementation
     print(f"\nSmolLM2 shape (Hq {hq} / Hkv {hkv}, head dim {dim}), exact tail {tail}, µs")
     print("| B | L | Triton, tail in its last split | Triton, tail by a second launch | Gluon default | "
-          "backend's choice |\n|---|---|---|---|---|")
+          "backend's choice |\n|---|---|---|---|---|---|")
     for batch, ctx in [(1, 1536), (4, 1536), (16, 1536), (64, 1536), (1, 4096), (4, 4096), (16, 4096), (64, 4096),
                        (128, 1536)]:
         tables, used = bt.tables_for([ctx] * batch, 16, 0, gen)
