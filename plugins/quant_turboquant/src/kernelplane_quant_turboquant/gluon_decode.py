@@ -3,18 +3,20 @@
 ``kernels.turboquant_attention_kernel`` is bound by instruction issue. Gluon
 (Triton's layer where a kernel names its layouts) lets this kernel decode each
 thread's code words directly into the registers ``mma.sync`` reads, so its
-loop touches no shared memory and spends about 2.6 instructions per K/V
+loop touches no shared memory and spends about 2.5 instructions per K/V
 element (``bench_turboquant_gluon.py --count``):
 
 - scores ``S = Q K^T`` on int8 tensor cores (m16n8k32). One ``prmt`` turns
   four key codes into four int8 centroids (``KEY_ASM``, table from
   ``int8_centroids``), which is one operand register. The queries (rotated)
   are two int8 parts, ``128 hi + lo``, so their rounding stays far below the
-  scores' bfloat16 precision; their columns follow the order the decoder
+  scores' bfloat16 precision (next item); their columns follow the order the decoder
   emits (``_load_query_operand``), since a dot product may sum its dims in
   any order;
-- the GQA group's heads are rows of a 16-row tile; only the first 8 rows go
-  on (``_group_rows``: softmax, weights), so groups of at most 8;
+- the GQA group's heads are rows 0-7 of the 16-row score tile with the
+  queries' high parts, rows 8-15 the same heads with their low parts, so one
+  product gives both and a thread holds a head's two rows (groups of at most
+  8);
 - values go through ``O^T = V^T P^T`` (m16n8k16, float16): the dimensions
   are the rows, the group's heads the 8 columns, so the accumulators hold no
   padding, and ``P^T`` is the score tile's registers as they are. A value
@@ -138,10 +140,11 @@ def _round_int8(x):
 
 
 @_jit
-def _split_int8(x):
-    """``x`` in [-127, 127] as int8 ``hi, lo`` with ``x ~ hi + lo / 128`` (|lo| <= 64)."""
+def _query_parts(x, high_rows):
+    """``x`` in [-127, 127] as int8 ``hi`` where ``high_rows``, else ``lo``, with
+    ``x ~ hi + lo / 128`` (|lo| <= 64)."""
     hi = _round_int8(x)
-    return hi, _round_int8((x - hi.to(gl.float32)) * 128.0)
+    return gl.where(high_rows, hi, _round_int8((x - hi.to(gl.float32)) * 128.0))
 
 
 @_jit
@@ -182,21 +185,20 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
 
 
 @_jit
-def _scores(kb, kn, start, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_shift, row_scale, offs_sn,
+def _scores(kb, kn, start, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn,
             KA: gl.constexpr, MMA: gl.constexpr):
     """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]), -inf
-    outside ``kv_lo .. kv_hi - 1``; and that mask."""
+    outside ``kv_lo .. kv_hi - 1``; and that mask. The product's rows 0-7 meet the queries'
+    high parts, rows 8-15 their low parts (``_query_parts``)."""
     k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
                                        dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
-    s = mma_v2(q0_hi, k0, gl.zeros([16, kn.shape[0]], gl.int32, MMA))
-    s = mma_v2(q1_hi, k1, s)
-    s = mma_v2(q0_lo, k0, s * 128)
-    s = _group_rows(mma_v2(q1_lo, k1, s))
+    s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, kn.shape[0]], gl.int32, MMA)))
+    hi, lo = gl.split(gl.permute(gl.reshape(s, [2, 8, s.shape[1]]), [1, 2, 0]))
     tok = start + offs_sn
     ok = (tok >= kv_lo) & (tok < kv_hi)
     bias = gl.where(ok, 0.0, float("-inf"))  # the mask, added in the same multiply-add
-    per_key: gl.constexpr = gl.SliceLayout(0, s.type.layout)
-    s = (s.to(gl.float32) * row_scale) * gl.expand_dims(gl.convert_layout(kn.to(gl.float32), per_key), 0) + \
+    per_key: gl.constexpr = gl.SliceLayout(0, hi.type.layout)
+    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(gl.convert_layout(kn.to(gl.float32), per_key), 0) + \
         gl.expand_dims(gl.convert_layout(bias, per_key), 0)
     return s, ok
 
@@ -374,26 +376,23 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     has_query = gl.load(query_start_loc_ptr + seq + 1) > token
 
     # The queries as two int8 parts, ``q = (128 hi + lo) * q_max / (127 * 128)``: one int8 part
-    # alone (steps of q_max / 127) moved the scores of sharp heads by a few hundredths.
+    # alone (steps of q_max / 127) moved the scores of sharp heads by a few hundredths. Row m
+    # of the operand holds head m's high part, row m + 8 its low part, so one product gives
+    # both (a thread holds rows m and m + 8 of the result: no padding rows, no exchange).
     # Columns in the order of the decoded key operands.
     QL: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[4, 8], warps_per_cta=[1, 1],
                                         order=[1, 0])
     offs_qm = gl.arange(0, 16, layout=gl.SliceLayout(1, QL))
     offs_qr = gl.arange(0, 2 * FW, layout=gl.SliceLayout(0, QL))
-    q_rows = gl.expand_dims(q_ptr + token.to(gl.int64) * stride_qt + (kv_head * GROUP + offs_qm) * stride_qh, 1)
-    # (``| (token < 0)``, never true, keeps the padding rows from being known zeros: the
-    # compiler would share one zero register among the operands and copy them every step.)
-    q_ok = gl.expand_dims((offs_qm < GROUP) | (token < 0), 1)
+    q_rows = gl.expand_dims(q_ptr + token.to(gl.int64) * stride_qt + (kv_head * GROUP + offs_qm % 8) * stride_qh, 1)
+    q_ok = gl.expand_dims(offs_qm % 8 < GROUP, 1)
+    high_rows = gl.expand_dims(offs_qm < 8, 1)
     q0 = _load_query_operand(q_rows, q_ok, offs_qr, 0, FW)
     q1 = _load_query_operand(q_rows, q_ok, offs_qr, 1, FW)
     q_max = gl.maximum(gl.max(gl.abs(q0), 1), gl.max(gl.abs(q1), 1))
     to_int = gl.expand_dims(127.0 / gl.maximum(q_max, 1e-30), 1)
-    q0_hi, q0_lo = _split_int8(q0 * to_int)
-    q1_hi, q1_lo = _split_int8(q1 * to_int)
-    q0_hi = gl.convert_layout(q0_hi, A8)
-    q0_lo = gl.convert_layout(q0_lo, A8)
-    q1_hi = gl.convert_layout(q1_hi, A8)
-    q1_lo = gl.convert_layout(q1_lo, A8)
+    q0 = gl.convert_layout(_query_parts(q0 * to_int, high_rows), A8)
+    q1 = gl.convert_layout(_query_parts(q1 * to_int, high_rows), A8)
     row_scale = gl.expand_dims(gl.convert_layout(q_max / (127.0 * 128.0) * k_step * score_scale, ROWS), 1)
     row_scale = _group_rows(row_scale + gl.zeros([16, HALF], gl.float32, MMA))
 
@@ -455,10 +454,9 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
                                                 kn_head, vn_head, k_offsets, v_offsets, offs_sn, stride_kcb,
                                                 stride_kct, stride_vcb, stride_vct, stride_knb, stride_knt,
                                                 stride_vnb, stride_vnt, PAGE)
-        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_shift,
-                            row_scale, offs_sn, KA, MMA)
-        s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, kv_hi, q0_hi, q1_hi, q0_lo, q1_lo, k_table, k_shift,
-                            row_scale, offs_sn, KA, MMA)
+        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn, KA, MMA)
+        s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn,
+                            KA, MMA)
         # The running maximum moves only when a row's scores exceed it by more than
         # RESCALE_SLACK (then p <= 2^RESCALE_SLACK): in a decode step it settles after a few
         # keys, and the accumulators are rescaled only in the steps where it moves.
