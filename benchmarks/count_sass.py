@@ -114,11 +114,12 @@ def compile_gluon_case(has_tail: bool = False, dim: int = D):
     fn = gluon_decode.tq2_decode_gluon
     row = dim * 2 // 8
     constants = dict(stride_kcb=HKV * PAGE * row // 4, stride_kct=row // 4, stride_kch=PAGE * row // 4,
-                     stride_knb=HKV * PAGE, stride_knt=1, stride_knh=PAGE, stride_vcb=HKV * PAGE * row // 4, stride_vct=row // 4,
-                     stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE, stride_vnt=1, stride_vnh=PAGE, GROUP=GROUP, BLOCK_N=gluon_decode.BLOCK_N, PAGE=PAGE,
+                     stride_knb=HKV * PAGE // 2, stride_knt=1, stride_knh=PAGE // 2, stride_vcb=HKV * PAGE * row // 4,
+                     stride_vct=row // 4, stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE // 2, stride_vnt=1,
+                     stride_vnh=PAGE // 2, GROUP=GROUP, BLOCK_N=gluon_decode.BLOCK_N, PAGE=PAGE,
                      HEAD_DIM=dim, HAS_TAIL=has_tail, **gluon_decode.KERNEL_ASM)
-    pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*fp16", vc_ptr="*i32",
-                    vn_ptr="*fp16", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32",
+    pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*i32", vc_ptr="*i32",
+                    vn_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32",
                     tk_ptr="*bf16", tv_ptr="*bf16", seq_slots_ptr="*i32")
     signature = {n: pointers.get(n, "constexpr" if n in constants else "fp32" if "scale" in n or n == "k_step" else "i32")
                  for n in fn.arg_names}

@@ -57,6 +57,9 @@ def run_ptx(asm: str, operands: dict) -> dict:
             r = v[0] * v[1] + v[2]
         elif op == "prmt.b32":
             r = _prmt(v[0], v[1], v[2])
+        elif op == "lop3.b32":  # bit i of the result: bit (a_i << 2 | b_i << 1 | c_i) of the table
+            r = sum(((v[3] >> ((v[0] >> i & 1) << 2 | (v[1] >> i & 1) << 1 | (v[2] >> i & 1))) & 1) << i
+                    for i in range(32))
         else:
             raise AssertionError(f"simulator lacks {op}")
         regs[dst] = r & MASK
@@ -104,13 +107,15 @@ def _signed_byte(word, i):
     return byte - 256 if byte & 0x80 else byte
 
 
-def test_int8_key_centroids_keep_the_table():
-    table = TurboQuantCodec(2, 128, seed=1).table.tolist()
-    word, step = gluon_decode.int8_centroids(table)
-    ints = [_signed_byte(word, i) for i in range(4)]
-    assert max(abs(v) for v in ints) <= 127
-    for got, want in zip(ints, table):  # each 2-bit centroid within 0.2 % of its value
-        assert abs(got * step - want) < 2e-3 * abs(want)
+def test_int8_key_centroids_are_the_table():
+    """The 2-bit table's shape 3 : 10 (``cubic``) puts its centroids on an int8 grid exactly."""
+    for dim in (64, 128):
+        table = TurboQuantCodec(2, dim, seed=1).table.tolist()
+        word, step = gluon_decode.int8_centroids(table)
+        ints = [_signed_byte(word, i) for i in range(4)]
+        assert max(abs(v) for v in ints) <= 127
+        for got, want in zip(ints, table):
+            assert got * step == pytest.approx(want, rel=1e-6)
 
 
 def test_gluon_key_decoder_and_query_order():
@@ -136,16 +141,22 @@ def test_gluon_key_decoder_and_query_order():
 
 def test_gluon_value_decoder_pairs_two_keys_for_two_bytes():
     table = TurboQuantCodec(2, 128, seed=1).table
-    lo, hi = gluon_decode.centroid_words(table.tolist())
+    unit = gluon_decode.value_unit(table)
     rng = random.Random(8)
     asm = gluon_decode.value_asm()
     for _ in range(200):
         words, j0, j1 = [rng.getrandbits(32) for _ in range(2)], rng.randrange(4), rng.randrange(4)
         regs = run_ptx(asm, {"$8": words[0], "$9": words[1], "$12": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12,
-                             "$16": lo & MASK, "$20": hi & MASK})
+                             "$16": gluon_decode.VALUE_HIGH_BYTES & MASK})
         for f in range(4):
             for out, byte in ((2 * f, j0), (2 * f + 1, j1)):
                 got = [_half(regs[f"${out}"] & 0xFFFF), _half(regs[f"${out}"] >> 16)]
                 for key in range(2):
                     code = (words[key] >> (8 * byte + 2 * f)) & 3
-                    assert got[key] == float(table[code].half())
+                    assert got[key] == gluon_decode.VALUE_CENTROIDS[code]
+                    assert got[key] * unit == pytest.approx(float(table[code]), rel=1e-6)
+
+
+def test_the_value_decoder_refuses_a_table_off_its_shape():
+    with pytest.raises(ValueError, match="shape 3 : 10"):
+        gluon_decode.value_unit(torch.tensor([0.4528, 1.5104, -0.4528, -1.5104]))

@@ -18,7 +18,7 @@ from kernelplane.kv_cache import check_kernel_inputs, exact_tail_in_use
 import triton.language as tl
 
 from . import gluon_decode, kernels
-from .cubic import check_exact
+from .cubic import decoder_cubic
 from .decode_asm import decode_asm
 from .packing import num_fields
 from .quantizer import TurboQuantKVQuantizer
@@ -211,9 +211,11 @@ class TurboQuantAttention:
 
             kc, vc = quantizer.key_codec, quantizer.value_codec
             cubics = {}
-            if kc.bits == 2:
-                cubics = {f"{p}_cubic": torch.tensor(check_exact(c.table), dtype=torch.float32, device=device)
-                          for p, c in (("k", kc), ("v", vc))}
+            if kc.bits == 2:  # the cubic decoder's coefficients, and the unit its values come in
+                for p, c in (("k", kc), ("v", vc)):
+                    coeffs, unit = decoder_cubic(c.table)
+                    cubics[f"{p}_cubic"] = torch.tensor(coeffs, dtype=torch.float32, device=device)
+                    cubics[f"{p}_cubic_unit"] = unit
             q_rot = kc.rotation.matrix(dtype=torch.float64).T  # q @ R_k^T
             q_hi, q_lo = hi_lo(q_rot)
             o_hi, o_lo = hi_lo(vc.rotation.matrix(dtype=torch.float64))  # out_rot @ R_v
@@ -226,7 +228,8 @@ class TurboQuantAttention:
             )
             if kc.bits == 2:
                 self._operands[key]["gluon_tables"] = (*gluon_decode.int8_centroids(kc.table.tolist()),
-                                                       *gluon_decode.centroid_words(vc.table.tolist()))
+                                                       gluon_decode.VALUE_HIGH_BYTES)
+                self._operands[key]["gluon_value_unit"] = gluon_decode.value_unit(vc.table)
         return self._operands[key]
 
     # ---- the hot path ---------------------------------------------------
@@ -245,9 +248,11 @@ class TurboQuantAttention:
         if plan.lookup == 3 and ops["bits"] != 2:
             raise ValueError(f"lookup 3 (the cubic decoder) is for 2-bit codes, not {ops['bits']}")
         t = pages.tensors
+        k_unit = v_unit = 1.0  # the decoded values' unit, for decoders that work in units of their own
         if plan.lookup == 3:
             kc, vc = t["key_codes"], t["value_codes"]  # bytes
             k_table, v_table = ops["k_cubic"], ops["v_cubic"]
+            k_unit, v_unit = ops["k_cubic_unit"], ops["v_cubic_unit"]
         else:
             kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
             k_table, v_table = ops["k_table"], ops["v_table"]
@@ -275,7 +280,7 @@ class TurboQuantAttention:
                 meta.block_tables, meta.seq_lens, meta.query_start_loc,
                 tk, tv, slots, window, capacity, score_scale * math.sqrt(req.head_dim), plan.splits,
                 tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
-                req.num_kv_heads, score_scale, 1.0 / math.sqrt(req.v_dim),
+                req.num_kv_heads, score_scale * k_unit, v_unit / math.sqrt(req.v_dim),
                 req.sliding_window or 0, plan.tokens_per_split,
                 q_in.stride(0), q_in.stride(1),
                 partial.stride(0), partial.stride(1), partial.stride(2),
@@ -334,12 +339,13 @@ class TurboQuantAttention:
         """``gluon_decode``: the codes' splits, and the exact tail (if any) as one more."""
         req, t = self.request, pages.tensors
         kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
-        kn, vn = t["key_norm"], t["value_norm"]
+        # Norms as 32-bit words of token pairs ([blocks, tokens / 2, heads]; tokens contiguous).
+        kn, vn = (t[name].transpose(1, 2).view(torch.int32).transpose(1, 2) for name in ("key_norm", "value_norm"))
         gluon_decode.tq2_decode_gluon[(meta.num_seqs, req.num_kv_heads * (plan.splits + (1 if has_tail else 0)))](
             q_in, partial, lse, kc, kn, vc, vn, *ops["gluon_tables"],
             meta.block_tables, meta.seq_lens, meta.query_start_loc, tk, tv, slots, window, capacity,
-            req.num_kv_heads, score_scale, score_scale * math.sqrt(req.head_dim), 1.0 / math.sqrt(req.v_dim),
-            plan.tokens_per_split,
+            req.num_kv_heads, score_scale, score_scale * math.sqrt(req.head_dim),
+            ops["gluon_value_unit"] / math.sqrt(req.v_dim), plan.tokens_per_split,
             q_in.stride(0), q_in.stride(1), partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), meta.block_tables.stride(0),
             tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),

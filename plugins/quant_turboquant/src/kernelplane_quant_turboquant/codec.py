@@ -18,7 +18,7 @@ import math
 import torch
 
 from .codebook import codebook_for
-from .cubic import exact_pair
+from .cubic import fit_pair
 from .packing import check_dim, pack, packed_bytes, unpack
 from .rotation import make_rotation
 
@@ -54,8 +54,8 @@ class TurboQuantCodec:
         half = 2 ** (bits - 1)
         positive = self.codebook.positive_centroids
         if bits == 2:
-            # Moved by < 1.5e-3 so that the kernel's table-free decoder is exact (see cubic).
-            positive = exact_pair(*positive)
+            # The shape 3 : 10 nearest Lloyd-Max's, which the GPU decoders read exactly (see cubic).
+            positive = fit_pair(*positive)
         mags = torch.tensor(positive, dtype=torch.float64)
         # table[code], sign-magnitude codes (see module doc).
         self.table = torch.cat([mags, -mags]).float()

@@ -1,46 +1,59 @@
-"""The 2-bit codebook as a cubic that float16 arithmetic evaluates exactly.
+"""The 2-bit codebook in the shape 3 : 10, which every GPU decoder reads exactly.
 
 A 2-bit code (sign-magnitude: ``x = 0, 1, 2, 3`` stand for ``a, b, -a, -b``)
-can be decoded without a table: with ``y = x - 2`` (in ``-2 .. 1``) one cubic
-``((c3 y + c2) y + c1) y + c0`` passes through all four centroids. The kernel
-(``kernels._field``, ``LOOKUP == 3``) gets ``y`` from the code's bits with
-one OR and one subtraction (the bits are read as the mantissa of a float16 of
-known exponent) and evaluates the cubic on packed float16 pairs: about half
-the instructions of the other decoders, and no shared-memory layout change.
+has two magnitudes. Lloyd-Max's pair for the normal distribution, (0.4528,
+1.5104), is almost exactly in the ratio 3 : 10, so the codec stores the pair
+``(3u, 10u)`` nearest it (``fit_pair``; the expected squared error of the
+Gaussian moves in the seventh decimal). In that shape each decoder works in
+units of its own where the four values are exact, and the kernels multiply
+by the unit once, in the scales they already apply:
 
-Solving for the cubic gives ``c0 = -a, c2 = a, c3 = (a + b) / 3,
-c1 = -b - c3``. Rounded to float16 these coefficients would miss the
-centroids by up to 1e-3, and such an error is the same for every key and
-value with that code, so it does not average out over a long context. So the
-centroids themselves are moved to multiples of 2**-10 with ``a + b``
-divisible by 3 units: every coefficient, intermediate and result is then a
-float16 number and the cubic is exact (checked below on every code, with and
-without fused multiply-adds). The move is below 1.5e-3 standard-normal
-units, a change of the quantizer's error in the seventh decimal.
+- the Triton kernel (``kernels._field``, ``LOOKUP == 3``) decodes without a
+  table: with ``y = x - 2`` (read from the code's bits as the mantissa of a
+  float16 of known exponent) the cubic ``((c3 y + c2) y + c1) y + c0``
+  through ``(9, 30, -9, -30) / 16`` has coefficients and intermediates that
+  are multiples of 1/16 below 32, so float16 evaluates it exactly on packed
+  pairs (``decoder_cubic``);
+- the Gluon kernel's int8 key table holds ``(36, 120, -36, -120)`` and its
+  value decoder the float16 numbers ``1.5, 5, -1.5, -5``, whose low bytes are
+  zero, so one byte lookup per value makes them (``gluon_decode``).
+
+A table off this shape would be decoded with an error that is the same for
+every key with that code and does not average out over a long context, so
+the decoders refuse it (``check_shape``).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
-UNIT = 2.0 ** -10
+SHAPE = (3, 10)  # inner : outer magnitude
+CUBIC_PAIR = (9 / 16, 30 / 16)  # the Triton decoder's units: the shape on a grid float16 holds exactly
 
 
 @functools.lru_cache(maxsize=None)
-def exact_pair(a: float, b: float) -> tuple[float, float]:
-    """The pair ``(a', b')`` nearest ``(a, b)`` (multiples of 2**-10) whose cubic is exact in float16."""
-    ua, ub = round(a / UNIT), round(b / UNIT)
-    candidates = sorted(((i * UNIT - a) ** 2 + (j * UNIT - b) ** 2, i, j)
-                        for i in range(ua - 8, ua + 9) for j in range(ub - 8, ub + 9) if (i + j) % 3 == 0 and 0 < i < j)
-    for _, i, j in candidates:
-        table = torch.tensor([i, j, -i, -j], dtype=torch.float64) * UNIT
-        try:
-            check_exact(table)
-        except ValueError:
-            continue
-        return i * UNIT, j * UNIT
-    raise ValueError(f"no float16-exact cubic near the 2-bit centroids {a}, {b}")
+def fit_pair(a: float, b: float) -> tuple[float, float]:
+    """``(3u, 10u)`` nearest the Lloyd-Max pair ``(a, b)``: least squares weighted by the
+    probability of each magnitude's cell under the normal distribution (a close
+    stand-in for the rotated coordinates' law at the head dims in use)."""
+    edge = (a + b) / 2
+    inner = 0.5 * math.erf(edge / math.sqrt(2.0))  # P(0 < x < edge)
+    outer = 0.5 - inner
+    i, o = SHAPE
+    u = (inner * i * a + outer * o * b) / (inner * i * i + outer * o * o)
+    return i * u, o * u
+
+
+def check_shape(table: torch.Tensor) -> None:
+    """Raise unless the 2-bit ``table`` (sign-magnitude order) is ``(3u, 10u, -3u, -10u)``."""
+    a, b = float(table[0]), float(table[1])
+    i, o = SHAPE
+    expected = [a, a * o / i, -a, -a * o / i]
+    if a <= 0 or any(abs(float(t) - e) > 1e-6 * abs(e) for t, e in zip(table.tolist(), expected)):
+        raise ValueError(f"2-bit table {table.tolist()} is not in the shape {i} : {o} the GPU decoders read "
+                         f"exactly (see cubic)")
 
 
 def coefficients(a: float, b: float) -> tuple[float, float, float, float]:
@@ -64,8 +77,8 @@ def evaluate16(coeffs: tuple[float, float, float, float], y: float, fused: bool)
 
 
 def check_exact(table: torch.Tensor) -> tuple[float, float, float, float]:
-    """Coefficients for a 2-bit ``table`` (sign-magnitude order), after checking
-    that float16 Horner reproduces every entry exactly; raises otherwise."""
+    """Coefficients for a 2-bit ``table`` (sign-magnitude order, in the decoder's units),
+    after checking that float16 Horner reproduces every entry exactly; raises otherwise."""
     a, b = float(table[0]), float(table[1])
     coeffs = coefficients(a, b)
     for x in range(4):
@@ -75,3 +88,11 @@ def check_exact(table: torch.Tensor) -> tuple[float, float, float, float]:
                 raise ValueError(f"2-bit table {table.tolist()} is not exact as a float16 cubic: "
                                  f"code {x} gives {got}")
     return coeffs
+
+
+def decoder_cubic(table: torch.Tensor) -> tuple[tuple[float, float, float, float], float]:
+    """(the Triton decoder's cubic coefficients, the unit its values are in: multiply by it
+    to get ``table``'s values) for a 2-bit ``table`` in the shape 3 : 10."""
+    check_shape(table)
+    a, b = CUBIC_PAIR
+    return check_exact(torch.tensor([a, b, -a, -b], dtype=torch.float64)), float(table[0]) / a

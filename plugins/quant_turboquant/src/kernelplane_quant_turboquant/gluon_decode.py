@@ -21,9 +21,10 @@ element (``bench_turboquant_gluon.py --count``):
   are the rows, the group's heads the 8 columns, so the accumulators hold no
   padding, and ``P^T`` is the score tile's registers as they are. A value
   register pairs two neighbouring keys of one dimension: one ``prmt``
-  gathers a byte of two keys' words, a multiply-add turns each field's codes
-  into ``prmt`` selectors, and two ``prmt`` look up the float16 centroids
-  (``value_asm``);
+  gathers a byte of two keys' words, a shift and a ``lop3`` turn each field's
+  codes into ``prmt`` selectors, and two ``prmt`` look up the high bytes of
+  the float16 centroids, whose low bytes are zero (``value_asm``; the 2-bit
+  codebook's shape 3 : 10 allows it, ``cubic``);
 - a step is 32 keys read as two runs of 16, each from one page, so every
   address is a page base plus an offset fixed for the whole loop; the next
   step's codes and norms load while this one decodes;
@@ -45,7 +46,7 @@ simulator (``tests/test_decode_asm.py``), and the GPU runs the kernel tests.
 """
 from __future__ import annotations
 
-from kernelplane_quant_turboquant.decode_asm import _half_bits
+from kernelplane_quant_turboquant.cubic import check_shape
 
 try:
     from triton.experimental import gluon
@@ -61,8 +62,8 @@ MAX_REGISTERS = 168  # per thread: 12 programs resident per SM at head dim 128 (
 # splits cost the combine more partials; fewer leave SMs idle (measured, BENCHMARKS.md).
 ROUNDS = 2
 # Base-2 log: softmax weights grow up to 2^8 before the running maximum moves. The weights
-# times value norms / sqrt(head dim) go through float16, so value norms must stay below
-# about 2000 (head dim 64; LLM value norms are tens).
+# times value norms times ``value_unit`` / sqrt(head dim) go through float16, so value norms
+# must stay below about 6000 (head dim 64; LLM value norms are tens).
 RESCALE_SLACK = 8.0
 
 
@@ -72,22 +73,40 @@ def resident_per_sm(max_registers: int = MAX_REGISTERS) -> int:
     return 65536 // (32 * max_registers)
 
 
+# The value decoder's four centroids in its own units (``cubic``: the 2-bit table is
+# ``(3u, 10u, -3u, -10u)``): float16 1.5, 5, -1.5, -5, whose low bytes are zero; their
+# high bytes, in code order, as one word (``prmt`` looks them up).
+VALUE_CENTROIDS = (1.5, 5.0, -1.5, -5.0)
+VALUE_HIGH_BYTES = 0xC5BE453E - (1 << 32)  # bytes 0x3E, 0x45, 0xBE, 0xC5 (a signed int32 argument)
+
+
+def value_unit(table) -> float:
+    """What one unit of the value decoder's centroids is in the 2-bit ``table``'s units."""
+    check_shape(table)
+    return float(table[0]) / VALUE_CENTROIDS[0]
+
+
 def value_asm() -> str:
     """PTX decoding two keys' value words into the four fields' float16 centroids of two
     bytes. Inputs: ``$8, $9`` the two keys' words (elements 0 and 1; elements 2 and 3
     repeat them), ``$12`` the gather selector ``j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12``
-    for bytes ``j0`` (elements 0, 1) and ``j1`` (elements 2, 3); ``$16`` and ``$20`` the
-    four centroids in code order as float16 bits (``centroid_words``). Outputs ``$2f`` /
-    ``$2f+1``: field ``f`` of byte ``j0`` / ``j1`` of the two keys (the first key in the low
-    half). One ``prmt`` gathers the four bytes into one register; then a field's two bits
-    of each byte become ``prmt`` byte selectors ``2c, 2c + 1`` for each code ``c`` in one
-    multiply-add (``c * 0x22 + 0x10`` per byte, no carries), and ``prmt`` reads the low 16
-    bits of its selector (bytes 0 and 1), then of the selector shifted by 16 (bytes 2, 3)."""
-    lines = ["{", ".reg .b32 x, u, s0, s1;", "prmt.b32 x, $8, $9, $12;"]
+    for bytes ``j0`` (elements 0, 1) and ``j1`` (elements 2, 3); ``$16`` ``VALUE_HIGH_BYTES``.
+    Outputs ``$2f`` / ``$2f+1``: field ``f`` of byte ``j0`` / ``j1`` of the two keys (the
+    first key in the low half). One ``prmt`` gathers the four bytes into one register.
+    Then, per field, a shift puts its two bits at bits 4-5 of each byte and one ``lop3``
+    keeps them and sets bit 3: each byte becomes the ``prmt`` selector pair (low byte:
+    nibble 8, the sign of table byte 0, a positive centroid: zero; high byte: the code),
+    and ``prmt`` reads the low 16 bits of its selector (bytes 0 and 1), then of the
+    selector shifted by 16 (bytes 2, 3)."""
+    lines = ["{", ".reg .b32 x, t, s0, s1;", "prmt.b32 x, $8, $9, $12;"]
     for f in range(4):
-        lines.append(f"shr.b32 u, x, {2 * f};" if f else "mov.b32 u, x;")
-        lines += ["and.b32 u, u, 0x03030303;", "mad.lo.u32 s0, u, 0x22, 0x10101010;", "shr.b32 s1, s0, 16;",
-                  f"prmt.b32 ${2 * f}, $16, $20, s0;", f"prmt.b32 ${2 * f + 1}, $16, $20, s1;"]
+        shift, source = 4 - 2 * f, "x"
+        if shift:
+            lines.append(f"shl.b32 t, x, {shift};" if shift > 0 else f"shr.b32 t, x, {-shift};")
+            source = "t"
+        # lop3 0xEA: (a & b) | c
+        lines += [f"lop3.b32 s0, {source}, 0x30303030, 0x08080808, 0xEA;", f"prmt.b32 ${2 * f}, $16, $16, s0;",
+                  "shr.b32 s1, s0, 16;", f"prmt.b32 ${2 * f + 1}, $16, $16, s1;"]
     return "\n".join(lines + ["}"])
 
 
@@ -108,12 +127,6 @@ KERNEL_ASM = {"KA": KEY_ASM, "VA": value_asm()}  # the kernel's PTX parameters
 def _signed32(word: int) -> int:
     """A 32-bit pattern as the signed value a kernel's int32 argument carries."""
     return word - (1 << 32) if word >= 1 << 31 else word
-
-
-def centroid_words(table) -> tuple[int, int]:
-    """The four 2-bit centroids (code order; exact in float16) as two 32-bit words of float16 bits."""
-    bits = _half_bits([float(v) for v in table])
-    return _signed32(bits[0] | bits[1] << 16), _signed32(bits[2] | bits[3] << 16)
 
 
 def int8_centroids(table) -> tuple[int, float]:
@@ -137,6 +150,18 @@ def _jit(fn):
 @_jit
 def _round_int8(x):
     return gl.where(x >= 0.0, x + 0.5, x - 0.5).to(gl.int8)
+
+
+@_jit
+def _norms(words, like):
+    """The float16 norms in ``words`` (``[2, HALF // 4]`` words, each a pair of tokens: token
+    ``2 * (i * HALF // 4 + j) + h`` in half ``h`` of word ``[i, j]``) as float32, in the layout
+    of ``like`` (``[HALF]``, one per token). Prefetched norms stay words until here: loaded as
+    float16 values, they were re-paired for the score layout right after their load, and
+    every step stalled on that load."""
+    lo = words.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    hi = (words >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [like.shape[0]]), like.type.layout)
 
 
 @_jit
@@ -167,20 +192,21 @@ def _group_rows(x):
 
 
 @_jit
-def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_sn,
+def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
                stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
                stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_vnb: gl.constexpr, stride_vnt: gl.constexpr,
                PAGE: gl.constexpr):
     """Codes and norms of keys ``start ..`` (half a step, one page): one block-table entry,
     every address that page's base plus an offset fixed for the whole loop. Keys past
     ``kv_hi`` in the page are read and masked later (the page exists); past the sequence's
-    pages, block 0 is read instead."""
+    pages, block 0 is read instead. Norms come as the 32-bit words of their pairs
+    (``_norms``; strides in words)."""
     block = gl.load(table_ptr + start // PAGE, mask=start < kv_hi, other=0).to(gl.int64)
-    row = gl.multiple_of(start % PAGE, 16)  # steps start at multiples of 16: norms load in pairs
+    row = gl.multiple_of(start % PAGE, 16)  # steps start at multiples of 16
     kb = gl.load(kc_head + (block * stride_kcb + row * stride_kct) + k_offsets)
     vw = gl.load(vc_head + (block * stride_vcb + row * stride_vct) + v_offsets)
-    kn = gl.load(kn_head + (block * stride_knb + row * stride_knt) + offs_sn * stride_knt)
-    vn = gl.load(vn_head + (block * stride_vnb + row * stride_vnt) + offs_sn * stride_vnt)
+    kn = gl.load(kn_head + (block * stride_knb + row // 2) + offs_nw)
+    vn = gl.load(vn_head + (block * stride_vnb + row // 2) + offs_nw)
     return kb, vw, kn, vn
 
 
@@ -192,35 +218,33 @@ def _scores(kb, kn, start, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, of
     high parts, rows 8-15 their low parts (``_query_parts``)."""
     k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
                                        dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
-    s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, kn.shape[0]], gl.int32, MMA)))
+    s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, offs_sn.shape[0]], gl.int32, MMA)))
     hi, lo = gl.split(gl.permute(gl.reshape(s, [2, 8, s.shape[1]]), [1, 2, 0]))
     tok = start + offs_sn
     ok = (tok >= kv_lo) & (tok < kv_hi)
     bias = gl.where(ok, 0.0, float("-inf"))  # the mask, added in the same multiply-add
-    per_key: gl.constexpr = gl.SliceLayout(0, hi.type.layout)
-    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(gl.convert_layout(kn.to(gl.float32), per_key), 0) + \
-        gl.expand_dims(gl.convert_layout(bias, per_key), 0)
+    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(_norms(kn, offs_sn), 0) + \
+        gl.expand_dims(bias, 0)
     return s, ok
 
 
 @_jit
-def _add_values(p, vn, ok, vw, v_gather, v_lo_t, v_hi_t, value_scale, acc0, acc1, acc2, acc3,
+def _add_values(p, vn, ok, vw, v_gather, v_table, value_scale, acc0, acc1, acc2, acc3,
                 VA: gl.constexpr, B: gl.constexpr):
     """The accumulators (``O^T``: dimensions x the group's heads) plus the values of half a
     step's keys times ``p`` (their softmax weights, the group's heads x keys):
     ``O^T += V^T P^T``. ``P^T`` is ``p`` transposed: in ``p``'s registers, the layout the
     product takes as its right operand."""
-    weight = gl.where(ok, vn.to(gl.float32) * value_scale, 0.0)  # masked norms may be any bits
-    weight = gl.convert_layout(weight, gl.SliceLayout(0, p.type.layout))
+    weight = gl.where(ok, _norms(vn, ok) * value_scale, 0.0)  # masked norms may be any bits
     p_t = gl.convert_layout(gl.permute((p * gl.expand_dims(weight, 0)).to(gl.float16), [1, 0]), B)
     v0, v1, v2, v3 = gl.inline_asm_elementwise(
-        VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_lo_t, v_hi_t],
+        VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_table],
         dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
     return mma_v2(v0, p_t, acc0), mma_v2(v1, p_t, acc1), mma_v2(v2, p_t, acc2), mma_v2(v3, p_t, acc3)
 
 
 @_jit
-def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo, v_hi,
+def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
                      block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tk_ptr, tv_ptr, seq_slots_ptr,
                      tail_window, tail_capacity, num_kv_heads, score_scale, tail_score_scale, value_scale,
                      tokens_per_split,
@@ -241,9 +265,9 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     that the exact tail holds for the query (position 0 and the latest ``tail_window``,
     ``kernelplane.exact_tail``) are read from it by the first ``num_kv_heads`` programs
     (``_tail_partial``, written as the last split), the codes cover the rest.
-    ``q_ptr``: queries already rotated (float32). ``kc_ptr``, ``vc_ptr``: the code pages
-    as 32-bit words (strides in words). ``k_int8, k_step``: the key centroids as int8
-    (``int8_centroids``); ``v_lo, v_hi``: the value centroids (``centroid_words``).
+    ``q_ptr``: queries already rotated (float32). ``kc_ptr``, ``vc_ptr``, ``kn_ptr``, ``vn_ptr``:
+    the code and norm pages as 32-bit words (strides in words; norms token-contiguous). ``k_int8, k_step``: the key centroids as int8
+    (``int8_centroids``); ``v_table``: ``VALUE_HIGH_BYTES``.
     ``tail_score_scale``: for the tail's rows, which hold coordinates, not unit vectors."""
     program = gl.program_id(1)
     if HAS_TAIL:
@@ -255,15 +279,15 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                           stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh, GROUP, HEAD_DIM)
         else:
             _codes_partial(program - num_kv_heads, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8,
-                           k_step, v_lo, v_hi, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window,
+                           k_step, v_table, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window,
                            tail_capacity, num_kv_heads, score_scale, value_scale, tokens_per_split,
                            stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                            stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
                            stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
                            GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK)
     else:
-        _codes_partial(program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo,
-                       v_hi, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
+        _codes_partial(program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
+                        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
                        num_kv_heads, score_scale, value_scale, tokens_per_split,
                        stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                        stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
@@ -345,7 +369,7 @@ def _tail_partial(q_ptr, part_ptr, lse_ptr, tk_ptr, tv_ptr, seq_slots_ptr, seq_l
 
 
 @_jit
-def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_lo, v_hi,
+def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
                    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
                    num_kv_heads, score_scale, value_scale, tokens_per_split,
                    stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
@@ -426,10 +450,15 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     byte_hi = byte_lo + 8 // WORDS
     v_gather = gl.expand_dims(byte_lo | (4 + byte_lo) << 4 | byte_hi << 8 | (4 + byte_hi) << 12, 1) + \
         gl.zeros([FW, HALF], gl.int32, A)
-    v_lo_t = gl.full([FW, HALF], v_lo, gl.int32, A)
-    v_hi_t = gl.full([FW, HALF], v_hi, gl.int32, A)
+    v_table_t = gl.full([FW, HALF], v_table, gl.int32, A)
     k_table = gl.full([2 * FW, HALF], k_int8, gl.int32, B8)
-    offs_sn = gl.arange(0, HALF, layout=KEYS)
+    # Norms and masks per key in the score rows' own layout: loaded in another, the norms were
+    # re-paired right after their (prefetched) load, which then stalled on it.
+    offs_sn = gl.arange(0, HALF, layout=gl.SliceLayout(0, row_scale.type.layout))
+    NW: gl.constexpr = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[8, 4], warps_per_cta=[1, 1],
+                                        order=[1, 0])  # norm words: a thread holds the pairs of its score columns
+    offs_nw = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(1, NW)) * (HALF // 4), 1) + \
+        gl.expand_dims(gl.arange(0, HALF // 4, layout=gl.SliceLayout(0, NW)), 0)
 
     acc0 = gl.zeros([FW, 8], gl.float32, MMA)  # O^T of field 0: dimensions x heads
     acc1 = gl.zeros([FW, 8], gl.float32, MMA)
@@ -440,21 +469,22 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     start = kv_lo - kv_lo % BLOCK_N
     # Software prefetch: the next step's codes and norms are loaded before this step decodes.
     kb_a, vw_a, kn_a, vn_a = _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets,
-                                        v_offsets, offs_sn, stride_kcb, stride_kct, stride_vcb, stride_vct,
+                                        v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb, stride_vct,
                                         stride_knb, stride_knt, stride_vnb, stride_vnt, PAGE)
     kb_b, vw_b, kn_b, vn_b = _load_keys(start + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
-                                        k_offsets, v_offsets, offs_sn, stride_kcb, stride_kct, stride_vcb,
+                                        k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
                                         stride_vct, stride_knb, stride_knt, stride_vnb, stride_vnt, PAGE)
     for start in range(start, kv_hi, BLOCK_N):
         nkb_a, nvw_a, nkn_a, nvn_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head,
-                                                vn_head, k_offsets, v_offsets, offs_sn, stride_kcb, stride_kct,
+                                                vn_head, k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct,
                                                 stride_vcb, stride_vct, stride_knb, stride_knt, stride_vnb,
                                                 stride_vnt, PAGE)
         nkb_b, nvw_b, nkn_b, nvn_b = _load_keys(start + BLOCK_N + HALF, kv_hi, table_ptr, kc_head, vc_head,
-                                                kn_head, vn_head, k_offsets, v_offsets, offs_sn, stride_kcb,
+                                                kn_head, vn_head, k_offsets, v_offsets, offs_nw, stride_kcb,
                                                 stride_kct, stride_vcb, stride_vct, stride_knb, stride_knt,
                                                 stride_vnb, stride_vnt, PAGE)
-        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn, KA, MMA)
+        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn,
+                            KA, MMA)
         s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn,
                             KA, MMA)
         # The running maximum moves only when a row's scores exceed it by more than
@@ -473,9 +503,9 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
             acc2 = acc2 * rescale
             acc3 = acc3 * rescale
         m_i = m_new
-        acc0, acc1, acc2, acc3 = _add_values(p_a, vn_a, ok_a, vw_a, v_gather, v_lo_t, v_hi_t, value_scale,
+        acc0, acc1, acc2, acc3 = _add_values(p_a, vn_a, ok_a, vw_a, v_gather, v_table_t, value_scale,
                                              acc0, acc1, acc2, acc3, VA, B)
-        acc0, acc1, acc2, acc3 = _add_values(p_b, vn_b, ok_b, vw_b, v_gather, v_lo_t, v_hi_t, value_scale,
+        acc0, acc1, acc2, acc3 = _add_values(p_b, vn_b, ok_b, vw_b, v_gather, v_table_t, value_scale,
                                              acc0, acc1, acc2, acc3, VA, B)
         kb_a, vw_a, kn_a, vn_a = nkb_a, nvw_a, nkn_a, nvn_a
         kb_b, vw_b, kn_b, vn_b = nkb_b, nvw_b, nkn_b, nvn_b

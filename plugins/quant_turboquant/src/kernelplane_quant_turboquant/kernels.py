@@ -261,7 +261,7 @@ def turboquant_attention_kernel(
     compiler sees that rows are 16-byte aligned and loads them in wide vectors.
     ``score_scale`` = softmax scale * log2(e) / sqrt(head_dim) and
     ``value_scale`` = 1 / sqrt(head_dim_v) turn centroids into unit-vector
-    coordinates. ``COMPUTE_DTYPE``: operand type of the two products
+    coordinates (times the decoder's unit for ``LOOKUP == 3``, ``cubic``). ``COMPUTE_DTYPE``: operand type of the two products
     (float16, or float32 for float32 queries). Writes rotated partial outputs
     ``[tokens, heads, splits, head_dim_v]`` (float32) and their base-2
     log-sum-exp. ``ROTATED_QUERY``: ``q_ptr`` holds ``R q`` in float32
