@@ -211,17 +211,16 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
 
 
 @_jit
-def _scores(kb, kn, start, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn,
+def _scores(kb, kn, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
             KA: gl.constexpr, MMA: gl.constexpr):
     """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]), -inf
-    outside ``kv_lo .. kv_hi - 1``; and that mask. The product's rows 0-7 meet the queries'
+    outside ``kv_lo .. kv_lo + span - 1``; and that mask. The product's rows 0-7 meet the queries'
     high parts, rows 8-15 their low parts (``_query_parts``)."""
     k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
                                        dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
     s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, offs_sn.shape[0]], gl.int32, MMA)))
     hi, lo = gl.split(gl.permute(gl.reshape(s, [2, 8, s.shape[1]]), [1, 2, 0]))
-    tok = start + offs_sn
-    ok = (tok >= kv_lo) & (tok < kv_hi)
+    ok = (start - kv_lo + offs_sn).to(gl.uint32) < span  # one unsigned compare for both ends
     bias = gl.where(ok, 0.0, float("-inf"))  # the mask, added in the same multiply-add
     s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(_norms(kn, offs_sn), 0) + \
         gl.expand_dims(bias, 0)
@@ -426,6 +425,7 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
         kv_lo = gl.maximum(kv_lo, 1)
         kv_hi = gl.minimum(kv_hi, gl.maximum(seq_len - tail_window, gl.maximum(seq_len - tail_capacity, 1)))
     kv_hi = gl.where(has_query, kv_hi, kv_lo)
+    span = gl.maximum(kv_hi - kv_lo, 0).to(gl.uint32)
 
     # A step reads two runs of HALF keys, each from one page.
     table_ptr = block_tables_ptr + seq.to(gl.int64) * stride_bt
@@ -483,9 +483,9 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
                                                 kn_head, vn_head, k_offsets, v_offsets, offs_nw, stride_kcb,
                                                 stride_kct, stride_vcb, stride_vct, stride_knb, stride_knt,
                                                 stride_vnb, stride_vnt, PAGE)
-        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn,
+        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
                             KA, MMA)
-        s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, kv_hi, q0, q1, k_table, k_shift, row_scale, offs_sn,
+        s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
                             KA, MMA)
         # The running maximum moves only when a row's scores exceed it by more than
         # RESCALE_SLACK (then p <= 2^RESCALE_SLACK): in a decode step it settles after a few
