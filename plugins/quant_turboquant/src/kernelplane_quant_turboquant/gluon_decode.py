@@ -3,7 +3,7 @@
 ``kernels.turboquant_attention_kernel`` is bound by instruction issue. Gluon
 (Triton's layer where a kernel names its layouts) lets this kernel decode each
 thread's code words directly into the registers ``mma.sync`` reads, so its
-loop touches no shared memory and spends about 2.5 instructions per K/V
+loop touches no shared memory and spends about 2.35 instructions per K/V
 element (``bench_turboquant_gluon.py --count``):
 
 - scores ``S = Q K^T`` on int8 tensor cores (m16n8k32). One ``prmt`` turns
@@ -27,7 +27,8 @@ element (``bench_turboquant_gluon.py --count``):
   codebook's shape 3 : 10 allows it, ``cubic``);
 - a step is 32 keys read as two runs of 16, each from one page, so every
   address is a page base plus an offset fixed for the whole loop; the next
-  step's codes and norms load while this one decodes;
+  step's codes and norms load while this one decodes, the norms as 32-bit
+  words of token pairs until used (``_norms``);
 - the running maximum moves only when a score exceeds it by more than
   ``RESCALE_SLACK``, so most steps skip the accumulators' rescale;
 - one warp per program, 168 registers per thread (12 programs resident per
