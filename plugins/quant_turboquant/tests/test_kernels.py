@@ -70,6 +70,13 @@ def test_decode_with_more_splits_than_one_combine_load():  # the combine reads 3
     run_case("turboquant2", 8, 2, 64, (1, 1), (600, 37), splits=40, block_n=16)
 
 
+def test_combine_with_one_head_per_program():  # the plan's choice where the partials are many
+    run_case("turboquant2", 8, 2, 64, (1, 1), (600, 37), splits=40, block_n=16, combine_heads=1)
+    run_case("turboquant3", 9, 3, 64, (1,), (300,), splits=9, block_n=16, combine_heads=1)
+    with pytest.raises(ValueError, match="divide"):
+        run_case("turboquant3", 9, 3, 64, (1,), (300,), splits=9, block_n=16, combine_heads=2)
+
+
 def test_decode_gqa_group_of_three_bfloat16():  # SmolLM2-135M: 9 query heads over 3 KV heads
     run_case("turboquant3", 9, 3, 64, (1, 1), (70, 33), dtype=torch.bfloat16, splits=3, block_n=16)
 

@@ -5,6 +5,7 @@ Every launch parameter is known on the host (shapes, ``max_query_len``,
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the de
 # The split combine's loads: about this many float32 elements each (64 per thread of its 4 warps).
 COMBINE_TILE = 8192
 COMBINE_OUT_CHUNK = 32  # output columns per rotation product in the combine
+COMBINE_PER_HEAD_SPLITS = 64  # from this many partials per head, each combine program takes one head
 ROTATE_ROWS, ROTATE_COLS = 32, 32  # query rows and output columns per program of the rotation before decoding
 
 
@@ -55,6 +57,7 @@ class LaunchPlan:
     separate_tail: bool = False
     gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by its own programs)
     max_registers: Optional[int] = None  # the Gluon kernel's register cap per thread (more programs resident per SM)
+    combine_heads: int = 0  # query heads per program of the split combine (0: the GQA group)
 
 
 def next_pow2(n: int) -> int:
@@ -132,14 +135,24 @@ class TurboQuantAttention:
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
              num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
              bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
-             gluon: Optional[bool] = None, max_registers: Optional[int] = None, rounds: Optional[int] = None) -> LaunchPlan:
+             gluon: Optional[bool] = None, max_registers: Optional[int] = None, rounds: Optional[int] = None,
+             combine_heads: int = 0) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
         ``bits``: of the pages (2-bit decode batches on an NVIDIA GPU take the Gluon kernel
         where it can run, other 2-bit tiles on a GPU the cubic decoder). ``max_registers``:
         the Gluon kernel's cap (default ``gluon_decode.MAX_REGISTERS``).
         ``programs_per_sm``: KV splits are added until about this many programs run per SM
         (default ``TARGET_PROGRAMS_PER_SM``; the Gluon kernel's splits make ``rounds`` whole
-        rounds of resident programs instead, default ``gluon_decode.ROUNDS``)."""
+        rounds of resident programs instead, default ``gluon_decode.ROUNDS``). ``combine_heads``:
+        query heads per program of the split combine (default ``_combine_heads``)."""
+        if combine_heads and self.request.num_heads % combine_heads:
+            raise ValueError(f"combine_heads must divide the {self.request.num_heads} query heads, got {combine_heads}")
+        plan = self._plan(meta, block_n, programs_per_sm, min_tokens_per_split, num_warps, num_stages, lookup, splits,
+                          bits, rotated_query, separate_tail, gluon, max_registers, rounds)
+        return dataclasses.replace(plan, combine_heads=combine_heads) if combine_heads else plan
+
+    def _plan(self, meta, block_n, programs_per_sm, min_tokens_per_split, num_warps, num_stages, lookup, splits, bits,
+              rotated_query, separate_tail, gluon, max_registers, rounds) -> LaunchPlan:
         max_q = max(1, meta.max_query_len)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         if gluon is None:
@@ -306,19 +319,27 @@ class TurboQuantAttention:
                    (1 if separate_tail else 3) if has_tail else 0)
         if separate_tail:
             launch((meta.num_seqs, q_tiles, req.num_kv_heads), 2)
-        rows = next_pow2(self.group)
-        kernels.combine_splits_kernel[(num_tokens, req.num_kv_heads)](
+        heads = plan.combine_heads or self._combine_heads(splits)
+        rows = next_pow2(heads)
+        kernels.combine_splits_kernel[(num_tokens, req.num_heads // heads)](
             partial, lse, out, ops["o_hi"], ops["o_lo"], splits,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            GROUP=self.group, BLOCK_H=rows, BLOCK_S=max(2, next_pow2(splits)),
+            GROUP=heads, BLOCK_H=rows, BLOCK_S=max(2, next_pow2(splits)),
             SPLIT_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE // (rows * req.v_dim))),
             HEAD_DIM_V=req.v_dim, OUT_CHUNK=min(COMBINE_OUT_CHUNK, req.v_dim), REPEAT=max(1, 16 // rows),
             UPCAST=_INTERPRETED,
             num_warps=4,
         )
         return out
+
+    def _combine_heads(self, splits: int) -> int:
+        """Query heads per combine program: the GQA group, or one head where the partials
+        are many. A program merges its heads' splits in a chain of loads; at batch 1 x 32k
+        (128 splits) one head per program took the combine from 10.1 to 7.4 µs, at batch 16
+        x 32k (24 splits) from 9.1 to 11.0 (H100, BENCHMARKS.md)."""
+        return 1 if splits >= COMBINE_PER_HEAD_SPLITS else self.group
 
     def _rotate_queries(self, query: torch.Tensor, ops: dict, chunk: int) -> torch.Tensor:
         """``query @ R_k^T`` in float32 (contiguous), one launch."""
