@@ -1,6 +1,7 @@
 """The Triton kernels against the reference on the same TurboQuant pages:
 forced KV splits, both centroid lookups, odd GQA groups, several query
 tokens per sequence, windows, empty sequences."""
+import dataclasses
 import math
 import os
 
@@ -49,7 +50,9 @@ def run_case(fmt, num_heads, num_kv_heads, head_dim, query_lens, seq_lens, dtype
                                kv_cache_format=fmt, block_size=block_size, sliding_window=window, causal=causal)
     reference = ReferenceAttention(request).forward(query.float(), pages, meta)
     backend = TurboQuantAttention(request)
-    out = backend.forward(query, pages, meta, plan=backend.plan(meta, **plan))
+    combine_heads = plan.pop("combine_heads", 0)  # a launch detail, not a planning input
+    out = backend.forward(query, pages, meta, plan=dataclasses.replace(backend.plan(meta, **plan),
+                                                                        combine_heads=combine_heads))
     assert out.dtype == dtype and out.shape == reference.shape
     assert torch.isfinite(out).all()
     err = ((out.double() - reference.double()).norm() / reference.double().norm()).item()

@@ -5,7 +5,6 @@ Every launch parameter is known on the host (shapes, ``max_query_len``,
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ class LaunchPlan:
     separate_tail: bool = False
     gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by its own programs)
     max_registers: Optional[int] = None  # the Gluon kernel's register cap per thread (more programs resident per SM)
-    combine_heads: int = 0  # query heads per program of the split combine (0: the GQA group)
+    combine_heads: int = 0  # query heads per program of the split combine (0: the rule of `_combine_heads`)
 
 
 def next_pow2(n: int) -> int:
@@ -135,24 +134,14 @@ class TurboQuantAttention:
              min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, num_warps: Optional[int] = None,
              num_stages: Optional[int] = None, lookup: Optional[int] = None, splits: Optional[int] = None,
              bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
-             gluon: Optional[bool] = None, max_registers: Optional[int] = None, rounds: Optional[int] = None,
-             combine_heads: int = 0) -> LaunchPlan:
+             gluon: Optional[bool] = None, max_registers: Optional[int] = None, rounds: Optional[int] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
         ``bits``: of the pages (2-bit decode batches on an NVIDIA GPU take the Gluon kernel
         where it can run, other 2-bit tiles on a GPU the cubic decoder). ``max_registers``:
         the Gluon kernel's cap (default ``gluon_decode.MAX_REGISTERS``).
         ``programs_per_sm``: KV splits are added until about this many programs run per SM
         (default ``TARGET_PROGRAMS_PER_SM``; the Gluon kernel's splits make ``rounds`` whole
-        rounds of resident programs instead, default ``gluon_decode.ROUNDS``). ``combine_heads``:
-        query heads per program of the split combine (default ``_combine_heads``)."""
-        if combine_heads and self.request.num_heads % combine_heads:
-            raise ValueError(f"combine_heads must divide the {self.request.num_heads} query heads, got {combine_heads}")
-        plan = self._plan(meta, block_n, programs_per_sm, min_tokens_per_split, num_warps, num_stages, lookup, splits,
-                          bits, rotated_query, separate_tail, gluon, max_registers, rounds)
-        return dataclasses.replace(plan, combine_heads=combine_heads) if combine_heads else plan
-
-    def _plan(self, meta, block_n, programs_per_sm, min_tokens_per_split, num_warps, num_stages, lookup, splits, bits,
-              rotated_query, separate_tail, gluon, max_registers, rounds) -> LaunchPlan:
+        rounds of resident programs instead, default ``gluon_decode.ROUNDS``)."""
         max_q = max(1, meta.max_query_len)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         if gluon is None:
@@ -320,6 +309,8 @@ class TurboQuantAttention:
         if separate_tail:
             launch((meta.num_seqs, q_tiles, req.num_kv_heads), 2)
         heads = plan.combine_heads or self._combine_heads(splits)
+        if req.num_heads % heads:
+            raise ValueError(f"combine_heads must divide the {req.num_heads} query heads, got {heads}")
         rows = next_pow2(heads)
         kernels.combine_splits_kernel[(num_tokens, req.num_heads // heads)](
             partial, lse, out, ops["o_hi"], ops["o_lo"], splits,
