@@ -10,9 +10,9 @@ element (``bench_turboquant_gluon.py --count``):
   four key codes into four int8 centroids (``KEY_ASM``, table from
   ``int8_centroids``), which is one operand register. The queries (rotated)
   are two int8 parts, ``128 hi + lo``, so their rounding stays far below the
-  scores' bfloat16 precision (next item); their columns follow the order the decoder
-  emits (``_load_query_operand``), since a dot product may sum its dims in
-  any order;
+  scores' bfloat16 precision (next item); their columns follow the order the
+  decoder emits (``_load_query_operand``), since a dot product may sum its
+  dims in any order;
 - the GQA group's heads are rows 0-7 of the 16-row score tile with the
   queries' high parts, rows 8-15 the same heads with their low parts, so one
   product gives both and a thread holds a head's two rows (groups of at most
@@ -186,8 +186,8 @@ def _load_query_operand(q_rows, q_ok, offs_r, OUT: gl.constexpr, FW: gl.constexp
 
 @_jit
 def _group_rows(x):
-    """Rows 0..7 of a [16, N] tile: the GQA group's heads (the other rows pad the score
-    product's 16 rows; nothing after it computes them)."""
+    """Rows 0..7 of a [16, N] tile in the score product's layout: the GQA group's heads
+    (rows 8-15 hold the same heads' low-part scores, ``_scores``)."""
     top, _ = gl.split(gl.permute(gl.reshape(x, [2, 8, x.shape[1]]), [1, 2, 0]))
     return top
 
@@ -195,8 +195,7 @@ def _group_rows(x):
 @_jit
 def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
                stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
-               stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_vnb: gl.constexpr, stride_vnt: gl.constexpr,
-               PAGE: gl.constexpr):
+               stride_knb: gl.constexpr, stride_vnb: gl.constexpr, PAGE: gl.constexpr):
     """Codes and norms of keys ``start ..`` (half a step, one page): one block-table entry,
     every address that page's base plus an offset fixed for the whole loop. Keys past
     ``kv_hi`` in the page are read and masked later (the page exists); past the sequence's
@@ -215,8 +214,8 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
 def _scores(kb, kn, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
             KA: gl.constexpr, MMA: gl.constexpr):
     """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]), -inf
-    outside ``kv_lo .. kv_lo + span - 1``; and that mask. The product's rows 0-7 meet the queries'
-    high parts, rows 8-15 their low parts (``_query_parts``)."""
+    outside ``kv_lo .. kv_lo + span - 1``; and that mask. The product's rows 0-7 meet the
+    queries' high parts, rows 8-15 their low parts (``_query_parts``)."""
     k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
                                        dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
     s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, offs_sn.shape[0]], gl.int32, MMA)))
@@ -265,8 +264,9 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     that the exact tail holds for the query (position 0 and the latest ``tail_window``,
     ``kernelplane.exact_tail``) are read from it by the first ``num_kv_heads`` programs
     (``_tail_partial``, written as the last split), the codes cover the rest.
-    ``q_ptr``: queries already rotated (float32). ``kc_ptr``, ``vc_ptr``, ``kn_ptr``, ``vn_ptr``:
-    the code and norm pages as 32-bit words (strides in words; norms token-contiguous). ``k_int8, k_step``: the key centroids as int8
+    ``q_ptr``: queries already rotated (float32). ``kc_ptr``, ``vc_ptr``, ``kn_ptr``,
+    ``vn_ptr``: the code and norm pages as 32-bit words (strides in words; the norms
+    token-contiguous, two per word). ``k_int8, k_step``: the key centroids as int8
     (``int8_centroids``); ``v_table``: ``VALUE_HIGH_BYTES``.
     ``tail_score_scale``: for the tail's rows, which hold coordinates, not unit vectors."""
     program = gl.program_id(1)
@@ -432,6 +432,7 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     table_ptr = block_tables_ptr + seq.to(gl.int64) * stride_bt
     kc_head = kc_ptr + kv_head.to(gl.int64) * stride_kch
     vc_head = vc_ptr + kv_head.to(gl.int64) * stride_vch
+    gl.static_assert(stride_knt == 1 and stride_vnt == 1, "norm words hold two neighbouring tokens")
     kn_head = kn_ptr + kv_head.to(gl.int64) * stride_knh
     vn_head = vn_ptr + kv_head.to(gl.int64) * stride_vnh
     # The key operand is K^T with each code row twice (2 FW rows), once per shift of
@@ -471,19 +472,17 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     # Software prefetch: the next step's codes and norms are loaded before this step decodes.
     kb_a, vw_a, kn_a, vn_a = _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets,
                                         v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb, stride_vct,
-                                        stride_knb, stride_knt, stride_vnb, stride_vnt, PAGE)
+                                        stride_knb, stride_vnb, PAGE)
     kb_b, vw_b, kn_b, vn_b = _load_keys(start + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
                                         k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
-                                        stride_vct, stride_knb, stride_knt, stride_vnb, stride_vnt, PAGE)
+                                        stride_vct, stride_knb, stride_vnb, PAGE)
     for start in range(start, kv_hi, BLOCK_N):
         nkb_a, nvw_a, nkn_a, nvn_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head,
                                                 vn_head, k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct,
-                                                stride_vcb, stride_vct, stride_knb, stride_knt, stride_vnb,
-                                                stride_vnt, PAGE)
+                                                stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE)
         nkb_b, nvw_b, nkn_b, nvn_b = _load_keys(start + BLOCK_N + HALF, kv_hi, table_ptr, kc_head, vc_head,
                                                 kn_head, vn_head, k_offsets, v_offsets, offs_nw, stride_kcb,
-                                                stride_kct, stride_vcb, stride_vct, stride_knb, stride_knt,
-                                                stride_vnb, stride_vnt, PAGE)
+                                                stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE)
         s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
                             KA, MMA)
         s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
