@@ -22,6 +22,8 @@ Variants printed (perplexity, change against the float32 cache):
   first), or from the
   window's first 128 tokens (a per-sequence offset from its prompt), and a
   per-channel key scale from the start-up text's queries and keys;
+- with ``--mixed-bits N`` (the first and latest N tokens exact): keys at more
+  bits than values (4 + 2, 4 + 3) against uniform 3 and 4 bits;
 - with ``--split-channels``: the mixed 2.5-bit layout (half of each head's
   channels at 3 bits, half at 2) against the uniform formats;
 - with ``--principal N`` (the first and latest N tokens exact): keys split in
@@ -120,6 +122,8 @@ def main() -> int:
                     help="instead: the latest tokens (a partial page) and the first token read exact")
     ap.add_argument("--first-and-latest", type=int, metavar="N", default=0,
                     help="instead: K+V at 4 / 3 / 2 bits, all quantized and with the first and latest N tokens exact")
+    ap.add_argument("--mixed-bits", type=int, metavar="N", default=0,
+                    help="with the first and latest N tokens exact: keys at more bits than values, against uniform")
     ap.add_argument("--split-channels", action="store_true",
                     help="instead: 2.5 bits as half the channels at 3 bits and half at 2 (the paper's mixed "
                          "layout), against 2, 3 and keys 3 + values 2")
@@ -178,6 +182,12 @@ def main() -> int:
     print("| variant | perplexity | change |\n|---|---|---|")
     if args.split_channels:
         split_channels(report, variant, dim)
+        return 0
+    if args.mixed_bits:
+        n = args.mixed_bits
+        for kbits, vbits in ((3, 3), (4, 2), (4, 3), (4, 4)):
+            report(f"keys {kbits} + values {vbits} bits, first token and latest {n} exact",
+                   variant(kbits=kbits, vbits=vbits, sink=1), recent=n)
         return 0
     if args.first_and_latest and args.first > 1:
         n = args.first_and_latest
