@@ -287,7 +287,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                            GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK)
     else:
         _codes_partial(program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
-                        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
+                       block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
                        num_kv_heads, score_scale, value_scale, tokens_per_split,
                        stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                        stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
@@ -454,8 +454,7 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
         gl.zeros([FW, HALF], gl.int32, A)
     v_table_t = gl.full([FW, HALF], v_table, gl.int32, A)
     k_table = gl.full([2 * FW, HALF], k_int8, gl.int32, B8)
-    # Norms and masks per key in the score rows' own layout: loaded in another, the norms were
-    # re-paired right after their (prefetched) load, which then stalled on it.
+    # Masks and norms per key in the score rows' own layout (``_norms`` turns the loaded words into it).
     offs_sn = gl.arange(0, HALF, layout=gl.SliceLayout(0, row_scale.type.layout))
     NW: gl.constexpr = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[8, 4], warps_per_cta=[1, 1],
                                         order=[1, 0])  # norm words: a thread holds the pairs of its score columns

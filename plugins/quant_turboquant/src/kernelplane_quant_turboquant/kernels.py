@@ -261,8 +261,9 @@ def turboquant_attention_kernel(
     compiler sees that rows are 16-byte aligned and loads them in wide vectors.
     ``score_scale`` = softmax scale * log2(e) / sqrt(head_dim) and
     ``value_scale`` = 1 / sqrt(head_dim_v) turn centroids into unit-vector
-    coordinates (times the decoder's unit for ``LOOKUP == 3``, ``cubic``). ``COMPUTE_DTYPE``: operand type of the two products
-    (float16, or float32 for float32 queries). Writes rotated partial outputs
+    coordinates (times the decoder's unit for ``LOOKUP == 3``, ``cubic``).
+    ``COMPUTE_DTYPE``: operand type of the two products (float16, or float32
+    for float32 queries). Writes rotated partial outputs
     ``[tokens, heads, splits, head_dim_v]`` (float32) and their base-2
     log-sum-exp. ``ROTATED_QUERY``: ``q_ptr`` holds ``R q`` in float32
     already (one product for the whole batch instead of one per program).
@@ -463,8 +464,8 @@ def combine_splits_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, OUT_CHUNK: tl.constexpr, REPEAT: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Grid: (tokens, KV heads). Merges the rotated partials of the group's
-    query heads (``BLOCK_H`` rows, the group padded to a power of two) by
+    """Grid: (tokens, query heads / GROUP). Merges the rotated partials of
+    ``GROUP`` query heads (``BLOCK_H`` rows, padded to a power of two) by
     their log-sum-exp, then rotates back: ``out = merged @ R`` (``R`` in two
     bfloat16 parts, so the products are about float32-exact). Each load takes
     ``SPLIT_CHUNK`` splits of every column, so that a long split list costs
@@ -472,9 +473,9 @@ def combine_splits_kernel(
     next slice, took four times as many). The product needs 16 rows: the
     merged rows go in ``REPEAT`` times and one copy comes out."""
     token = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    head_block = tl.program_id(1)
     offs_h = tl.arange(0, BLOCK_H)
-    head = kv_head * GROUP + offs_h
+    head = head_block * GROUP + offs_h
     head_ok = offs_h < GROUP
     offs_s = tl.arange(0, BLOCK_S)
     lse_rows = lse_ptr + token * stride_lt + head * stride_lh
