@@ -48,17 +48,19 @@ def count() -> int:
     from kernelplane_quant_turboquant import gluon_decode
 
     print(f"triton {triton.__version__}, target sm_90, one warp, {gluon_decode.MAX_REGISTERS} registers, "
-          f"{gluon_decode.BLOCK_N} keys per step; a step without the rescale skips its branch (the running maximum "
-          "stays)")
+          f"{gluon_decode.BLOCK_N} keys per step, {gluon_decode.UNROLL} unmasked steps per loop iteration; a step "
+          "without the rescale skips its branch (the running maximum stays); counts per step")
     print("| head dim | loop instructions | per K/V element | without the rescale | per K/V element | most frequent |\n"
           "|---|---|---|---|---|---|")
     for dim in (128, 64):
-        ops = count_sass.main_loop(count_sass.compile_gluon_case(dim=dim).asm["cubin"])
+        ops = count_sass.innermost_load_loop(count_sass.compile_gluon_case(dim=dim).asm["cubin"])
         steady = count_sass.without_branches(ops)
-        per_thread = gluon_decode.BLOCK_N * dim * 2 / 32
+        steps = gluon_decode.UNROLL
+        ops, steady = ops[:len(ops) // steps * steps], steady[:len(steady) // steps * steps]  # whole steps' share
+        per_thread = steps * gluon_decode.BLOCK_N * dim * 2 / 32
         top = ", ".join(f"{op} {n}" for op, n in collections.Counter(steady).most_common(6))
-        print(f"| {dim} | {len(ops)} | {len(ops) / per_thread:.2f} | {len(steady)} | {len(steady) / per_thread:.2f} "
-              f"| {top} |")
+        print(f"| {dim} | {len(ops) / steps:.0f} | {len(ops) / per_thread:.2f} | {len(steady) / steps:.0f} | "
+              f"{len(steady) / per_thread:.2f} | {top} |")
     return 0
 
 

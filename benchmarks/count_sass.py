@@ -117,7 +117,8 @@ def compile_gluon_case(has_tail: bool = False, dim: int = D):
                      stride_knb=HKV * PAGE // 2, stride_knt=1, stride_knh=PAGE // 2, stride_vcb=HKV * PAGE * row // 4,
                      stride_vct=row // 4, stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE // 2, stride_vnt=1,
                      stride_vnh=PAGE // 2, GROUP=GROUP, BLOCK_N=gluon_decode.BLOCK_N, PAGE=PAGE,
-                     HEAD_DIM=dim, HAS_TAIL=has_tail, **gluon_decode.KERNEL_ASM)
+                     HEAD_DIM=dim, HAS_TAIL=has_tail, RESCALE_SLACK=gluon_decode.RESCALE_SLACK,
+                     UNROLL=gluon_decode.UNROLL, **gluon_decode.KERNEL_ASM)
     pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*i32", vc_ptr="*i32",
                     vn_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32",
                     tk_ptr="*bf16", tv_ptr="*bf16", seq_slots_ptr="*i32")
@@ -162,13 +163,17 @@ def check() -> int:
     return 0
 
 
-def main_loop(cubin: bytes) -> list[str]:
-    """Opcodes of the longest loop in the disassembly."""
+def _disassemble(cubin: bytes) -> str:
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(cubin: bytes) -> list[str]:
+    """Opcodes of the longest loop in the disassembly."""
+    text = _disassemble(cubin)
     labels, ops, loops = {}, [], []
     for line in text.splitlines():
         label = re.match(r"^\s*\.(L_x_\d+):", line)
@@ -182,6 +187,27 @@ def main_loop(cubin: bytes) -> list[str]:
             if target and target.group(1) in labels and labels[target.group(1)] < len(ops) - 1:
                 loops.append((labels[target.group(1)], len(ops)))
     start, end = max(loops, key=lambda span: span[1] - span[0])
+    return ops[start:end]
+
+
+def innermost_load_loop(cubin: bytes) -> list[str]:
+    """Opcodes of the shortest loop that loads from global memory: the Gluon kernel's main
+    loop (its masked first and last steps and the exact tail's loop sit outside it, and
+    the compiler's block order can make longer backward branches around it)."""
+    text = _disassemble(cubin)
+    labels, ops, loops = {}, [], []
+    for line in text.splitlines():
+        label = re.match(r"^\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        inst = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if inst:
+            ops.append(inst.group(1).split(".")[0])
+            target = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", line)
+            if target and target.group(1) in labels and labels[target.group(1)] < len(ops) - 1:
+                loops.append((labels[target.group(1)], len(ops)))
+    start, end = min((span for span in loops if "LDG" in ops[span[0]:span[1]]), key=lambda span: span[1] - span[0])
     return ops[start:end]
 
 

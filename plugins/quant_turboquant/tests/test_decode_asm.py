@@ -41,10 +41,23 @@ def run_ptx(asm: str, operands: dict) -> dict:
         if not line or line in "{}" or line.startswith(".reg"):
             continue
         op, args = line.split(None, 1)
+        split = re.fullmatch(r"mov\.b32\s+\{\s*(\w+)\s*,\s*(\w+)\s*\}\s*,\s*(\S+)", line)
+        if split:  # a 32-bit register into its low and high 16 bits
+            word = value(split.group(3))
+            regs[split.group(1)], regs[split.group(2)] = word & 0xFFFF, word >> 16
+            continue
+        join = re.fullmatch(r"mov\.b32\s+(\S+)\s*,\s*\{\s*(\w+)\s*,\s*(\w+)\s*\}", line)
+        if join:
+            regs[join.group(1)] = value(join.group(2)) | value(join.group(3)) << 16
+            continue
         dst, *src = [a.strip() for a in args.split(",")]
         v = [value(s) for s in src]
-        if op == "mov.b32":
+        if op in ("mov.b32", "mov.b16"):
             r = v[0]
+        elif op == "mul.rn.f16":  # IEEE float16 product, subnormals kept
+            halves = torch.tensor([(x ^ 0x8000) - 0x8000 for x in v], dtype=torch.int16).view(torch.float16)
+            product = (halves[0] * halves[1]).view(torch.int16)
+            r = int(product) & 0xFFFF
         elif op == "shr.b32":
             r = v[0] >> v[1]
         elif op == "shl.b32":

@@ -3,7 +3,7 @@
 ``kernels.turboquant_attention_kernel`` is bound by instruction issue. Gluon
 (Triton's layer where a kernel names its layouts) lets this kernel decode each
 thread's code words directly into the registers ``mma.sync`` reads, so its
-loop touches no shared memory and spends about 2.35 instructions per K/V
+loop touches no shared memory and spends about 2.0 instructions per K/V
 element (``bench_turboquant_gluon.py --count``):
 
 - scores ``S = Q K^T`` on int8 tensor cores (m16n8k32). One ``prmt`` turns
@@ -29,8 +29,13 @@ element (``bench_turboquant_gluon.py --count``):
   address is a page base plus an offset fixed for the whole loop; the next
   step's codes and norms load while this one decodes, the norms as 32-bit
   words of token pairs until used (``_norms``);
+- only a split's first and last steps mask keys out of range; the steps
+  between skip the masks and run two per loop iteration (``UNROLL``);
 - the running maximum moves only when a score exceeds it by more than
-  ``RESCALE_SLACK``, so most steps skip the accumulators' rescale;
+  ``RESCALE_SLACK``, so most steps skip the accumulators' rescale; each thread
+  sums its own share of the softmax denominators, added up once at the end;
+- the decoders' selector halves move down by a float16 multiply on the FMA
+  pipe (``_high_half``), not a shift on the integer pipe, the loop's bound;
 - one warp per program, 168 registers per thread (12 programs resident per
   SM); KV splits make two whole rounds of resident programs where the batch
   allows (``ROUNDS``).
@@ -62,6 +67,7 @@ MAX_REGISTERS = 168  # per thread: 12 programs resident per SM at head dim 128 (
 # KV splits fill the GPU this many times over (whole rounds of resident programs). More
 # splits cost the combine more partials; fewer leave SMs idle (measured, BENCHMARKS.md).
 ROUNDS = 2
+UNROLL = 2  # unmasked steps per iteration of the kernel's main loop (two: the loop ends with at most one)
 # Base-2 log: softmax weights grow up to 2^8 before the running maximum moves. The weights
 # times value norms times ``value_unit`` / sqrt(head dim) go through float16, so value norms
 # must stay below about 6000 (head dim 64; LLM value norms are tens).
@@ -87,6 +93,18 @@ def value_unit(table) -> float:
     return float(table[0]) / VALUE_CENTROIDS[0]
 
 
+def _high_half(dst: str, src: str) -> list[str]:
+    """PTX putting the high 16 bits of ``src`` in the low 16 bits of ``dst`` (its high bits
+    undefined; ``prmt`` reads only the low 16 bits of its selector). A float16 multiply by
+    one that swizzles the high half in, instead of a shift: the multiply issues on the FMA
+    pipe, and the decoders' shifts, masks and lookups keep the integer pipe busy (the
+    kernel's bound). Exact for every selector here: their halves are finite float16
+    patterns (no exponent of all ones), subnormals included, since the float16 multiply
+    keeps subnormals."""
+    return ["mov.b16 one, 0x3C00;", f"mov.b32 {{lo, hi}}, {src};", "mul.rn.f16 hi, hi, one;",
+            f"mov.b32 {dst}, {{hi, hi}};"]
+
+
 def value_asm() -> str:
     """PTX decoding two keys' value words into the four fields' float16 centroids of two
     bytes. Inputs: ``$8, $9`` the two keys' words (elements 0 and 1; elements 2 and 3
@@ -98,8 +116,8 @@ def value_asm() -> str:
     keeps them and sets bit 3: each byte becomes the ``prmt`` selector pair (low byte:
     nibble 8, the sign of table byte 0, a positive centroid: zero; high byte: the code),
     and ``prmt`` reads the low 16 bits of its selector (bytes 0 and 1), then of the
-    selector shifted by 16 (bytes 2, 3)."""
-    lines = ["{", ".reg .b32 x, t, s0, s1;", "prmt.b32 x, $8, $9, $12;"]
+    selector's high half moved down (bytes 2, 3; ``_high_half``)."""
+    lines = ["{", ".reg .b32 x, t, s0, s1;", ".reg .b16 lo, hi, one;", "prmt.b32 x, $8, $9, $12;"]
     for f in range(4):
         shift, source = 4 - 2 * f, "x"
         if shift:
@@ -107,7 +125,7 @@ def value_asm() -> str:
             source = "t"
         # lop3 0xEA: (a & b) | c
         lines += [f"lop3.b32 s0, {source}, 0x30303030, 0x08080808, 0xEA;", f"prmt.b32 ${2 * f}, $16, $16, s0;",
-                  "shr.b32 s1, s0, 16;", f"prmt.b32 ${2 * f + 1}, $16, $16, s1;"]
+                  *_high_half("s1", "s0"), f"prmt.b32 ${2 * f + 1}, $16, $16, s1;"]
     return "\n".join(lines + ["}"])
 
 
@@ -116,12 +134,12 @@ def value_asm() -> str:
 # code bytes (four bytes of a key row; the call's four elements share it); ``$6``: the
 # table, four int8 centroids in code order; ``$10``: a shift, 0 or 2. After the shift a
 # mask keeps fields ``h`` and ``h + 2`` (``h`` = shift / 2) of bytes 0 and 1 as the four
-# low selector nibbles, and a shift by 16 gives bytes 2 and 3 (``prmt`` reads the low 16
-# bits of its selector). Output ``$o``, byte ``i``: byte ``2 * o + i // 2``, field
+# low selector nibbles, and the high half moved down gives bytes 2 and 3 (``prmt`` reads
+# the low 16 bits of its selector; ``_high_half``). Output ``$o``, byte ``i``: byte ``2 * o + i // 2``, field
 # ``h + 2 * (i % 2)`` of the word.
 KEY_ASM = "\n".join([
-    "{", ".reg .b32 m, t;", "shr.b32 m, $2, $10;", "and.b32 m, m, 0x33333333;", "prmt.b32 $0, $6, $6, m;",
-    "shr.b32 t, m, 16;", "prmt.b32 $1, $6, $6, t;", "}"])
+    "{", ".reg .b32 m, t;", ".reg .b16 lo, hi, one;", "shr.b32 m, $2, $10;", "and.b32 m, m, 0x33333333;",
+    "prmt.b32 $0, $6, $6, m;", *_high_half("t", "m"), "prmt.b32 $1, $6, $6, t;", "}"])
 KERNEL_ASM = {"KA": KEY_ASM, "VA": value_asm()}  # the kernel's PTX parameters
 
 
@@ -212,34 +230,87 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
 
 @_jit
 def _scores(kb, kn, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
-            KA: gl.constexpr, MMA: gl.constexpr):
-    """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]), -inf
-    outside ``kv_lo .. kv_lo + span - 1``; and that mask. The product's rows 0-7 meet the
-    queries' high parts, rows 8-15 their low parts (``_query_parts``)."""
+            KA: gl.constexpr, MMA: gl.constexpr, MASKED: gl.constexpr):
+    """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]); with
+    ``MASKED``, -inf outside ``kv_lo .. kv_lo + span - 1``; and that mask (unused, so not
+    computed, where the step is not ``MASKED``). The product's rows 0-7 meet the queries'
+    high parts, rows 8-15 their low parts (``_query_parts``)."""
     k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
                                        dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
     s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, offs_sn.shape[0]], gl.int32, MMA)))
     hi, lo = gl.split(gl.permute(gl.reshape(s, [2, 8, s.shape[1]]), [1, 2, 0]))
+    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(_norms(kn, offs_sn), 0)
     ok = (start - kv_lo + offs_sn).to(gl.uint32) < span  # one unsigned compare for both ends
-    bias = gl.where(ok, 0.0, float("-inf"))  # the mask, added in the same multiply-add
-    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(_norms(kn, offs_sn), 0) + \
-        gl.expand_dims(bias, 0)
+    if MASKED:
+        s = s + gl.expand_dims(gl.where(ok, 0.0, float("-inf")), 0)
     return s, ok
 
 
 @_jit
 def _add_values(p, vn, ok, vw, v_gather, v_table, value_scale, acc0, acc1, acc2, acc3,
-                VA: gl.constexpr, B: gl.constexpr):
+                VA: gl.constexpr, B: gl.constexpr, MASKED: gl.constexpr):
     """The accumulators (``O^T``: dimensions x the group's heads) plus the values of half a
     step's keys times ``p`` (their softmax weights, the group's heads x keys):
     ``O^T += V^T P^T``. ``P^T`` is ``p`` transposed: in ``p``'s registers, the layout the
     product takes as its right operand."""
-    weight = gl.where(ok, _norms(vn, ok) * value_scale, 0.0)  # masked norms may be any bits
+    weight = _norms(vn, ok) * value_scale
+    if MASKED:
+        weight = gl.where(ok, weight, 0.0)  # masked norms may be any bits
     p_t = gl.convert_layout(gl.permute((p * gl.expand_dims(weight, 0)).to(gl.float16), [1, 0]), B)
     v0, v1, v2, v3 = gl.inline_asm_elementwise(
         VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_table],
         dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
     return mma_v2(v0, p_t, acc0), mma_v2(v1, p_t, acc1), mma_v2(v2, p_t, acc2), mma_v2(v3, p_t, acc3)
+
+
+@_jit
+def _step(start, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
+          acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
+          q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table, value_scale,
+          stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
+          stride_knb: gl.constexpr, stride_vnb: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
+          KA: gl.constexpr, VA: gl.constexpr, MMA: gl.constexpr, B: gl.constexpr, MASKED: gl.constexpr,
+          RESCALE_SLACK: gl.constexpr):
+    """One step of ``BLOCK_N`` keys from ``start``: their codes and norms (loaded by the step
+    before, ``kb_a .. vn_b``) into the running softmax and accumulators, while the next
+    step's load. Returns the next step's codes and norms, then the state: the running
+    maximum per head, each thread's share of the softmax denominators (``[8, HALF]``: summed
+    over the threads once, after the last step, instead of in every step) and the
+    accumulators. ``MASKED``:
+    whether the step reaches outside ``kv_lo .. kv_hi - 1`` (only a split's first and last
+    steps do; the others skip the masks)."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    nkb_a, nvw_a, nkn_a, nvn_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
+                                            k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
+                                            stride_vct, stride_knb, stride_vnb, PAGE)
+    nkb_b, nvw_b, nkn_b, nvn_b = _load_keys(start + BLOCK_N + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head,
+                                            vn_head, k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct,
+                                            stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE)
+    s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn, KA, MMA,
+                        MASKED)
+    s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn, KA,
+                        MMA, MASKED)
+    # The running maximum moves only when a row's scores exceed it by more than
+    # RESCALE_SLACK (then p <= 2^RESCALE_SLACK): in a decode step it settles after a few
+    # keys, and the accumulators are rescaled only in the steps where it moves.
+    m_tile = gl.maximum(gl.max(s_a, 1), gl.max(s_b, 1))
+    m_new = gl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
+    alpha = gl.exp2(m_i - m_new)
+    p_a = gl.exp2(s_a - gl.expand_dims(m_new, 1))
+    p_b = gl.exp2(s_b - gl.expand_dims(m_new, 1))
+    if gl.max(m_new - m_i, 0) > 0.0:
+        l_i = l_i * gl.expand_dims(alpha, 1)
+        rescale = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(0, acc0.type.layout)), 0)
+        acc0 = acc0 * rescale
+        acc1 = acc1 * rescale
+        acc2 = acc2 * rescale
+        acc3 = acc3 * rescale
+    l_i = l_i + p_a + p_b
+    acc0, acc1, acc2, acc3 = _add_values(p_a, vn_a, ok_a, vw_a, v_gather, v_table, value_scale,
+                                         acc0, acc1, acc2, acc3, VA, B, MASKED)
+    acc0, acc1, acc2, acc3 = _add_values(p_b, vn_b, ok_b, vw_b, v_gather, v_table, value_scale,
+                                         acc0, acc1, acc2, acc3, VA, B, MASKED)
+    return nkb_a, nvw_a, nkn_a, nvn_a, nkb_b, nvw_b, nkn_b, nvn_b, m_new, l_i, acc0, acc1, acc2, acc3
 
 
 @_jit
@@ -255,7 +326,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                      stride_vnb: gl.constexpr, stride_vnt: gl.constexpr, stride_vnh: gl.constexpr,
                      GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                      KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr,
-                     RESCALE_SLACK: gl.constexpr = RESCALE_SLACK):
+                     RESCALE_SLACK: gl.constexpr = RESCALE_SLACK, UNROLL: gl.constexpr = UNROLL):
     """Grid: (sequences, KV heads x (splits + 1 with the exact tail)); one warp. Decode only
     (at most one query token per sequence, at its last position, every earlier key
     visible). Writes the rotated partial outputs and base-2 log-sum-exp of each split in
@@ -284,7 +355,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                            stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                            stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
                            stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
-                           GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK)
+                           GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK, UNROLL)
     else:
         _codes_partial(program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
                        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
@@ -292,7 +363,7 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                        stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                        stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
                        stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
-                       GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK)
+                       GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK, UNROLL)
 
 
 @_jit
@@ -378,7 +449,8 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
                    stride_vcb: gl.constexpr, stride_vct: gl.constexpr, stride_vch: gl.constexpr,
                    stride_vnb: gl.constexpr, stride_vnt: gl.constexpr, stride_vnh: gl.constexpr,
                    GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr, RESCALE_SLACK: gl.constexpr):
+                   KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr, RESCALE_SLACK: gl.constexpr,
+                   UNROLL: gl.constexpr):
     """One program of ``tq2_decode_gluon`` over the codes: KV head and split from
     ``code_program`` (``kv_head + num_kv_heads * split``)."""
     HALF: gl.constexpr = BLOCK_N // 2
@@ -465,50 +537,55 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     acc1 = gl.zeros([FW, 8], gl.float32, MMA)
     acc2 = gl.zeros([FW, 8], gl.float32, MMA)
     acc3 = gl.zeros([FW, 8], gl.float32, MMA)
-    l_i = gl.sum(row_scale * 0.0, 1)  # per head of the group, in the score rows' layout
-    m_i = l_i - 1.0e30
+    l_i = row_scale * 0.0  # the softmax denominators' shares (``_step``)
+    m_i = gl.sum(l_i, 1) - 1.0e30  # per head of the group, in the score rows' layout
+    # Steps start at multiples of BLOCK_N. Only the first and the last step of a split can
+    # reach outside kv_lo .. kv_hi - 1: the ones between (full_lo .. full_hi) skip the masks.
     start = kv_lo - kv_lo % BLOCK_N
-    # Software prefetch: the next step's codes and norms are loaded before this step decodes.
+    full_lo = gl.where(kv_lo % BLOCK_N == 0, start, start + BLOCK_N)
+    full_hi = gl.maximum(kv_hi - kv_hi % BLOCK_N, full_lo)
+    # Software prefetch: each step loads the next one's codes and norms before it decodes its own.
     kb_a, vw_a, kn_a, vn_a = _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets,
                                         v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb, stride_vct,
                                         stride_knb, stride_vnb, PAGE)
     kb_b, vw_b, kn_b, vn_b = _load_keys(start + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
                                         k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
                                         stride_vct, stride_knb, stride_vnb, PAGE)
-    for start in range(start, kv_hi, BLOCK_N):
-        nkb_a, nvw_a, nkn_a, nvn_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head,
-                                                vn_head, k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct,
-                                                stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE)
-        nkb_b, nvw_b, nkn_b, nvn_b = _load_keys(start + BLOCK_N + HALF, kv_hi, table_ptr, kc_head, vc_head,
-                                                kn_head, vn_head, k_offsets, v_offsets, offs_nw, stride_kcb,
-                                                stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE)
-        s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
-                            KA, MMA)
-        s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
-                            KA, MMA)
-        # The running maximum moves only when a row's scores exceed it by more than
-        # RESCALE_SLACK (then p <= 2^RESCALE_SLACK): in a decode step it settles after a few
-        # keys, and the accumulators are rescaled only in the steps where it moves.
-        m_tile = gl.maximum(gl.max(s_a, 1), gl.max(s_b, 1))
-        m_new = gl.where(m_tile > m_i + RESCALE_SLACK, m_tile, m_i)
-        alpha = gl.exp2(m_i - m_new)
-        p_a = gl.exp2(s_a - gl.expand_dims(m_new, 1))
-        p_b = gl.exp2(s_b - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p_a, 1) + gl.sum(p_b, 1)
-        if gl.max(m_new - m_i, 0) > 0.0:
-            rescale = gl.expand_dims(gl.convert_layout(alpha, KEYS), 0)
-            acc0 = acc0 * rescale
-            acc1 = acc1 * rescale
-            acc2 = acc2 * rescale
-            acc3 = acc3 * rescale
-        m_i = m_new
-        acc0, acc1, acc2, acc3 = _add_values(p_a, vn_a, ok_a, vw_a, v_gather, v_table_t, value_scale,
-                                             acc0, acc1, acc2, acc3, VA, B)
-        acc0, acc1, acc2, acc3 = _add_values(p_b, vn_b, ok_b, vw_b, v_gather, v_table_t, value_scale,
-                                             acc0, acc1, acc2, acc3, VA, B)
-        kb_a, vw_a, kn_a, vn_a = nkb_a, nvw_a, nkn_a, nvn_a
-        kb_b, vw_b, kn_b, vn_b = nkb_b, nvw_b, nkn_b, nvn_b
+    if (start < full_lo) & (start < kv_hi):
+        kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
+            start, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
+            acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
+            q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
+            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
+            KA, VA, MMA, B, True, RESCALE_SLACK)
+    # The unmasked steps UNROLL at a time: a loop of one step copied its prefetched
+    # registers into the next iteration's (about 25 moves per step).
+    full_mid = full_lo + (full_hi - full_lo) // (UNROLL * BLOCK_N) * (UNROLL * BLOCK_N)
+    for start in range(full_lo, full_mid, UNROLL * BLOCK_N):
+        for u in gl.static_range(UNROLL):
+            kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
+                start + u * BLOCK_N, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
+                acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets,
+                offs_nw, q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
+                stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
+                KA, VA, MMA, B, False, RESCALE_SLACK)
+    gl.static_assert(UNROLL == 2, "the unmasked steps left after the loop are at most one")
+    if full_mid < full_hi:
+        kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
+            full_mid, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
+            acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
+            q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
+            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
+            KA, VA, MMA, B, False, RESCALE_SLACK)
+    if full_hi < kv_hi:
+        kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
+            full_hi, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
+            acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
+            q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
+            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
+            KA, VA, MMA, B, True, RESCALE_SLACK)
 
+    l_i = gl.sum(l_i, 1)
     seen = l_i > 0.0
     lse = gl.convert_layout(gl.where(seen, m_i + gl.log2(gl.where(seen, l_i, 1.0)), float("-inf")), KEYS)
     inv_l = gl.expand_dims(gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), KEYS), 0)
