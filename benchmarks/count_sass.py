@@ -98,7 +98,7 @@ def compile_combine_case():
     """The split combine (merge by log-sum-exp, rotate back) for sm_90."""
     fn = kernels.combine_splits_kernel
     constants = dict(GROUP=GROUP, BLOCK_H=GROUP, BLOCK_S=64, SPLIT_CHUNK=16, HEAD_DIM_V=D, OUT_CHUNK=32,
-                     REPEAT=16 // GROUP, UPCAST=False)
+                     REPEAT=16 // GROUP, OUT_COLS=D, UPCAST=False)
     pointers = dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", orot_hi_ptr="*bf16", orot_lo_ptr="*bf16")
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})

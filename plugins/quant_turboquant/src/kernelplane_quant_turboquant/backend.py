@@ -312,7 +312,9 @@ class TurboQuantAttention:
         if req.num_heads % heads:
             raise ValueError(f"combine_heads must divide the {req.num_heads} query heads, got {heads}")
         rows = next_pow2(heads)
-        kernels.combine_splits_kernel[(num_tokens, req.num_heads // heads)](
+        programs = num_tokens * (req.num_heads // heads)
+        column_programs = _combine_column_programs(programs, req.v_dim)
+        kernels.combine_splits_kernel[(num_tokens, req.num_heads // heads, column_programs)](
             partial, lse, out, ops["o_hi"], ops["o_lo"], splits,
             partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1),
@@ -320,7 +322,7 @@ class TurboQuantAttention:
             GROUP=heads, BLOCK_H=rows, BLOCK_S=max(2, next_pow2(splits)),
             SPLIT_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE // (rows * req.v_dim))),
             HEAD_DIM_V=req.v_dim, OUT_CHUNK=min(COMBINE_OUT_CHUNK, req.v_dim), REPEAT=max(1, 16 // rows),
-            UPCAST=_INTERPRETED,
+            OUT_COLS=req.v_dim // column_programs, UPCAST=_INTERPRETED,
             num_warps=4,
         )
         return out
@@ -381,3 +383,13 @@ class TurboQuantAttention:
             if meta.seq_slots.dtype != torch.int32 or meta.seq_slots.shape[0] != meta.num_seqs:
                 raise ValueError(f"seq_slots must be int32 [{meta.num_seqs}], got {meta.seq_slots.dtype} "
                                  f"{tuple(meta.seq_slots.shape)}")
+
+
+def _combine_column_programs(programs: int, v_dim: int) -> int:
+    """Programs sharing one set of heads in the split combine, each rotating back its share
+    of the output columns (and merging the partials again): a small batch leaves most SMs
+    idle and each program's chain of loads is latency. On an H200 (2026-12-03,
+    BENCHMARKS.md) 4 took batch 1 x 32k from 7.4 to 5.5 µs; 2 took batch 4, 8 and 16
+    from 7.5 / 7.2 / 6.4 to 7.2 / 5.9 / 5.5 µs. Not measured past 128 programs: one there."""
+    wanted = 4 if programs < 64 else 2 if programs <= 128 else 1
+    return max(1, min(wanted, v_dim // COMBINE_OUT_CHUNK))

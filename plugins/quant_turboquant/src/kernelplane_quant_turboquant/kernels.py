@@ -463,15 +463,18 @@ def combine_splits_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     HEAD_DIM_V: tl.constexpr, OUT_CHUNK: tl.constexpr, REPEAT: tl.constexpr, UPCAST: tl.constexpr,
+    OUT_COLS: tl.constexpr,
 ):
-    """Grid: (tokens, query heads / GROUP). Merges the rotated partials of
+    """Grid: (tokens, query heads / GROUP, HEAD_DIM_V / OUT_COLS). Merges the rotated partials of
     ``GROUP`` query heads (``BLOCK_H`` rows, padded to a power of two) by
     their log-sum-exp, then rotates back: ``out = merged @ R`` (``R`` in two
     bfloat16 parts, so the products are about float32-exact). Each load takes
     ``SPLIT_CHUNK`` splits of every column, so that a long split list costs
     few loads one after another (a column slice of every split, then the
     next slice, took four times as many). The product needs 16 rows: the
-    merged rows go in ``REPEAT`` times and one copy comes out."""
+    merged rows go in ``REPEAT`` times and one copy comes out. ``OUT_COLS``:
+    the output columns of one program (``HEAD_DIM_V``: all); programs of the same
+    heads each merge the partials again, for more programs at small batches."""
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     offs_h = tl.arange(0, BLOCK_H)
@@ -505,7 +508,8 @@ def combine_splits_kernel(
 
     offs_j = tl.arange(0, OUT_CHUNK)
     out_rows = out_ptr + token * stride_ot + head[:, None] * stride_oh
-    for j0 in tl.static_range(0, HEAD_DIM_V, OUT_CHUNK):
+    for j in tl.static_range(0, OUT_COLS, OUT_CHUNK):
+        j0 = tl.program_id(2) * OUT_COLS + j
         m_offs = offs_d[:, None] * HEAD_DIM_V + (j0 + offs_j)[None, :]
         m_hi = tl.load(orot_hi_ptr + m_offs)
         m_lo = tl.load(orot_lo_ptr + m_offs)
