@@ -171,11 +171,11 @@ def _disassemble(cubin: bytes) -> str:
         return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def main_loop(cubin: bytes) -> list[str]:
-    """Opcodes of the longest loop in the disassembly."""
-    text = _disassemble(cubin)
+def _loops(cubin: bytes) -> tuple[list[str], list[tuple[int, int]]]:
+    """The disassembly's opcodes, and its loops as (first, end) spans of them: every
+    backward branch."""
     labels, ops, loops = {}, [], []
-    for line in text.splitlines():
+    for line in _disassemble(cubin).splitlines():
         label = re.match(r"^\s*\.(L_x_\d+):", line)
         if label:
             labels[label.group(1)] = len(ops)
@@ -186,6 +186,12 @@ def main_loop(cubin: bytes) -> list[str]:
             target = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", line)
             if target and target.group(1) in labels and labels[target.group(1)] < len(ops) - 1:
                 loops.append((labels[target.group(1)], len(ops)))
+    return ops, loops
+
+
+def main_loop(cubin: bytes) -> list[str]:
+    """Opcodes of the longest loop in the disassembly."""
+    ops, loops = _loops(cubin)
     start, end = max(loops, key=lambda span: span[1] - span[0])
     return ops[start:end]
 
@@ -194,19 +200,7 @@ def innermost_load_loop(cubin: bytes) -> list[str]:
     """Opcodes of the shortest loop that loads from global memory: the Gluon kernel's main
     loop (its masked first and last steps and the exact tail's loop sit outside it, and
     the compiler's block order can make longer backward branches around it)."""
-    text = _disassemble(cubin)
-    labels, ops, loops = {}, [], []
-    for line in text.splitlines():
-        label = re.match(r"^\s*\.(L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(ops)
-            continue
-        inst = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
-        if inst:
-            ops.append(inst.group(1).split(".")[0])
-            target = re.search(r"BRA\s+`?\(?\.?(L_x_\d+)", line)
-            if target and target.group(1) in labels and labels[target.group(1)] < len(ops) - 1:
-                loops.append((labels[target.group(1)], len(ops)))
+    ops, loops = _loops(cubin)
     start, end = min((span for span in loops if "LDG" in ops[span[0]:span[1]]), key=lambda span: span[1] - span[0])
     return ops[start:end]
 

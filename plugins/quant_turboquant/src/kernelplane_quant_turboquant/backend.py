@@ -311,20 +311,8 @@ class TurboQuantAttention:
         heads = plan.combine_heads or self._combine_heads(splits)
         if req.num_heads % heads:
             raise ValueError(f"combine_heads must divide the {req.num_heads} query heads, got {heads}")
-        rows = next_pow2(heads)
-        programs = num_tokens * (req.num_heads // heads)
-        column_programs = _combine_column_programs(programs, req.v_dim)
-        kernels.combine_splits_kernel[(num_tokens, req.num_heads // heads, column_programs)](
-            partial, lse, out, ops["o_hi"], ops["o_lo"], splits,
-            partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            GROUP=heads, BLOCK_H=rows, BLOCK_S=max(2, next_pow2(splits)),
-            SPLIT_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE // (rows * req.v_dim))),
-            HEAD_DIM_V=req.v_dim, OUT_CHUNK=min(COMBINE_OUT_CHUNK, req.v_dim), REPEAT=max(1, 16 // rows),
-            OUT_COLS=req.v_dim // column_programs, UPCAST=_INTERPRETED,
-            num_warps=4,
-        )
+        column_programs = _combine_column_programs(num_tokens * (req.num_heads // heads), req.v_dim)
+        combine_splits(partial, lse, out, ops["o_hi"], ops["o_lo"], splits, heads, column_programs)
         return out
 
     def _combine_heads(self, splits: int) -> int:
@@ -383,6 +371,26 @@ class TurboQuantAttention:
             if meta.seq_slots.dtype != torch.int32 or meta.seq_slots.shape[0] != meta.num_seqs:
                 raise ValueError(f"seq_slots must be int32 [{meta.num_seqs}], got {meta.seq_slots.dtype} "
                                  f"{tuple(meta.seq_slots.shape)}")
+
+
+def combine_splits(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, o_hi: torch.Tensor,
+                   o_lo: torch.Tensor, splits: int, heads: int, column_programs: int, num_warps: int = 4) -> None:
+    """``kernels.combine_splits_kernel`` over ``partial`` ([tokens, query heads, splits, v_dim])
+    into ``out``: ``heads`` query heads per program, ``column_programs`` programs per set of
+    heads (each rotating back its share of the columns)."""
+    num_tokens, num_heads, _, v_dim = partial.shape
+    rows = next_pow2(heads)
+    kernels.combine_splits_kernel[(num_tokens, num_heads // heads, column_programs)](
+        partial, lse, out, o_hi, o_lo, splits,
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=heads, BLOCK_H=rows, BLOCK_S=max(2, next_pow2(splits)),
+        SPLIT_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE // (rows * v_dim))),
+        HEAD_DIM_V=v_dim, OUT_CHUNK=min(COMBINE_OUT_CHUNK, v_dim), REPEAT=max(1, 16 // rows),
+        OUT_COLS=v_dim // column_programs, UPCAST=_INTERPRETED,
+        num_warps=num_warps,
+    )
 
 
 def _combine_column_programs(programs: int, v_dim: int) -> int:

@@ -264,21 +264,23 @@ def _add_values(p, vn, ok, vw, v_gather, v_table, value_scale, acc0, acc1, acc2,
 
 
 @_jit
-def _step(start, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
-          acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
-          q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table, value_scale,
+def _step(start, kv_lo, kv_hi, span, state, operands,
           stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
           stride_knb: gl.constexpr, stride_vnb: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
           KA: gl.constexpr, VA: gl.constexpr, MMA: gl.constexpr, B: gl.constexpr, MASKED: gl.constexpr,
           RESCALE_SLACK: gl.constexpr):
     """One step of ``BLOCK_N`` keys from ``start``: their codes and norms (loaded by the step
-    before, ``kb_a .. vn_b``) into the running softmax and accumulators, while the next
-    step's load. Returns the next step's codes and norms, then the state: the running
-    maximum per head, each thread's share of the softmax denominators (``[8, HALF]``: summed
-    over the threads once, after the last step, instead of in every step) and the
-    accumulators. ``MASKED``:
-    whether the step reaches outside ``kv_lo .. kv_hi - 1`` (only a split's first and last
-    steps do; the others skip the masks)."""
+    before) into the running softmax and accumulators, while the next step's load.
+    ``state``, returned updated: this step's codes and norms (``kb_a .. vn_b``; the next
+    step's on return), the running maximum per head, each thread's share of the softmax
+    denominators (``[8, HALF]``: summed over the threads once, after the last step, instead
+    of in every step) and the accumulators. ``operands``: what every step reads the same
+    (``_codes_partial`` names them). ``MASKED``: whether the step reaches outside
+    ``kv_lo .. kv_hi - 1`` (only a split's first and last steps do; the others skip the
+    masks)."""
+    kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = state
+    table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw, q0, q1, k_table, k_shift, \
+        row_scale, offs_sn, v_gather, v_table, value_scale = operands
     HALF: gl.constexpr = BLOCK_N // 2
     nkb_a, nvw_a, nkn_a, nvn_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
                                             k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
@@ -551,39 +553,28 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     kb_b, vw_b, kn_b, vn_b = _load_keys(start + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
                                         k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
                                         stride_vct, stride_knb, stride_vnb, PAGE)
+    state = (kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3)
+    operands = (table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw, q0, q1, k_table,
+                k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale)
     if (start < full_lo) & (start < kv_hi):
-        kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
-            start, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
-            acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
-            q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
-            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
-            KA, VA, MMA, B, True, RESCALE_SLACK)
+        state = _step(start, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct, stride_vcb, stride_vct,
+                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, True, RESCALE_SLACK)
     # The unmasked steps UNROLL at a time: a loop of one step copied its prefetched
     # registers into the next iteration's (about 25 moves per step).
     full_mid = full_lo + (full_hi - full_lo) // (UNROLL * BLOCK_N) * (UNROLL * BLOCK_N)
     for start in range(full_lo, full_mid, UNROLL * BLOCK_N):
         for u in gl.static_range(UNROLL):
-            kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
-                start + u * BLOCK_N, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
-                acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets,
-                offs_nw, q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
-                stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
-                KA, VA, MMA, B, False, RESCALE_SLACK)
+            state = _step(start + u * BLOCK_N, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct,
+                          stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, False,
+                          RESCALE_SLACK)
     gl.static_assert(UNROLL == 2, "the unmasked steps left after the loop are at most one")
     if full_mid < full_hi:
-        kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
-            full_mid, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
-            acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
-            q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
-            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
-            KA, VA, MMA, B, False, RESCALE_SLACK)
+        state = _step(full_mid, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct, stride_vcb, stride_vct,
+                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, False, RESCALE_SLACK)
     if full_hi < kv_hi:
-        kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = _step(
-            full_hi, kv_lo, kv_hi, span, kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i,
-            acc0, acc1, acc2, acc3, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
-            q0, q1, k_table, k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale,
-            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N,
-            KA, VA, MMA, B, True, RESCALE_SLACK)
+        state = _step(full_hi, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct, stride_vcb, stride_vct,
+                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, True, RESCALE_SLACK)
+    m_i, l_i, acc0, acc1, acc2, acc3 = state[8:]  # after the codes and norms
 
     l_i = gl.sum(l_i, 1)
     seen = l_i > 0.0
