@@ -105,8 +105,9 @@ def compile_combine_case():
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
-def compile_gluon_case(has_tail: bool = False, dim: int = D):
-    """The Gluon 2-bit decode kernel (``gluon_decode``) for sm_90, one warp."""
+def compile_gluon_case(has_tail: bool = False, dim: int = D, **constexprs):
+    """The Gluon 2-bit decode kernel (``gluon_decode``) for sm_90, one warp; ``constexprs``
+    override the kernel's defaults (``RESCALE_SLACK=4.0``, say)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kernelplane_quant_turboquant import gluon_decode
@@ -119,6 +120,7 @@ def compile_gluon_case(has_tail: bool = False, dim: int = D):
                      stride_vnh=PAGE // 2, GROUP=GROUP, BLOCK_N=gluon_decode.BLOCK_N, PAGE=PAGE,
                      HEAD_DIM=dim, HAS_TAIL=has_tail, RESCALE_SLACK=gluon_decode.RESCALE_SLACK,
                      UNROLL=gluon_decode.UNROLL, **gluon_decode.KERNEL_ASM)
+    constants.update(constexprs)
     pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*i32", vc_ptr="*i32",
                     vn_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32",
                     tk_ptr="*bf16", tv_ptr="*bf16", seq_slots_ptr="*i32")

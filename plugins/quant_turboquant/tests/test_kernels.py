@@ -12,6 +12,7 @@ from kernelplane import AttentionMetadata, AttentionRequest, KVQuantRequest
 from kernelplane.exact_tail import ExactTail
 from kernelplane.kv_cache import write_kv
 from kernelplane.reference.attention import ReferenceAttention
+from kernelplane_quant_turboquant import gluon_decode
 from kernelplane_quant_turboquant.backend import TurboQuantAttention
 from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
 
@@ -206,13 +207,17 @@ def test_plan_takes_the_gluon_kernel_for_two_bit_decode_batches():
     assert plan.gluon and plan.block_n == 32 and plan.splits * plan.tokens_per_split >= 4096
     assert plan.max_registers == 168 and backend.plan(big, bits=2, max_registers=200).max_registers == 200
     # Splits fill whole rounds of the programs an H100 holds at once (132 SMs x 12 at 168 registers):
+    # two where each split keeps at least MIN_KEYS_PER_SPLIT_FOR_ROUNDS keys, else one.
     resident = 132 * 12
-    for batch, context, rounds in ((16, 32768, 2), (8, 32768, 2), (4, 32768, 2), (16, 4096, 1)):
+    for batch, context, rounds, asked in ((16, 131072, 2, None), (8, 131072, 2, None), (16, 32768, 1, None),
+                                          (4, 32768, 1, None), (16, 4096, 1, None), (16, 32768, 2, 2)):
         meta = AttentionMetadata.build([1] * batch, [context] * batch, [list(range(context // 16))] * batch, 16)
-        plan = backend.plan(meta, bits=2)
+        plan = backend.plan(meta, bits=2, rounds=asked)
         programs = batch * 8 * plan.splits
         assert 0.9 * rounds * resident < programs <= rounds * resident, (batch, context, plan.splits)
         assert plan.splits * plan.tokens_per_split >= context
+        if rounds == 2 and asked is None:
+            assert plan.tokens_per_split >= gluon_decode.MIN_KEYS_PER_SPLIT_FOR_ROUNDS
     one_long = AttentionMetadata.build([1], [32768], [list(range(2048))], 16)
     assert backend.plan(one_long, bits=2).splits == 128  # under one round: as many splits as allowed
     assert backend.plan(small, bits=2).gluon
@@ -242,18 +247,26 @@ def test_gluon_decode_kernel(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rotate_queries_kernel_matches_the_float32_product(dtype):
-    """The decode plans' one-launch query rotation, on strided rows (a slice of a fused QKV)."""
-    request = AttentionRequest(num_heads=9, num_kv_heads=3, head_dim=64, kv_cache_format="turboquant2",
+@pytest.mark.parametrize("dim, tiles", [(64, None), (128, None), (96, None), (128, (32, 32, 32)), (64, (16, 32, 64))])
+def test_rotate_queries_kernel_matches_the_float32_product(dtype, dim, tiles, monkeypatch):
+    """The decode plans' one-launch query rotation, on strided rows (a slice of a fused QKV),
+    at the backend's tile shapes and others (a head dim whose rows are not a power of two
+    takes chunks of 32)."""
+    from kernelplane_quant_turboquant import backend as backend_module
+
+    if tiles is not None:
+        for name, value in zip(("ROTATE_ROWS", "ROTATE_COLS", "ROTATE_CHUNK"), tiles):
+            monkeypatch.setattr(backend_module, name, value)
+    request = AttentionRequest(num_heads=9, num_kv_heads=3, head_dim=dim, kv_cache_format="turboquant2",
                                dtype=str(dtype).removeprefix("torch."))
-    quantizer = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant2", num_kv_heads=3, head_dim=64,
+    quantizer = TurboQuantKVQuantizer(KVQuantRequest(format="turboquant2", num_kv_heads=3, head_dim=dim,
                                                      dtype=request.dtype))
     backend = TurboQuantAttention(request)
     ops = backend._tensors_for(quantizer, torch.device(DEVICE))
     gen = torch.Generator().manual_seed(3)
-    qkv = (torch.randn(37, 15, 64, generator=gen) * 3).to(DEVICE, dtype)
+    qkv = (torch.randn(37, 15, dim, generator=gen) * 3).to(DEVICE, dtype)
     query = qkv[:, 2:11]  # 9 heads out of 15: rows are not contiguous
-    out = backend._rotate_queries(query, ops, 32)
+    out = backend._rotate_queries(query, ops)
     want = torch.matmul(query.double(), ops["q_rot"].double())
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == query.shape
     assert ((out.double() - want).norm() / want.norm()).item() < 1e-5

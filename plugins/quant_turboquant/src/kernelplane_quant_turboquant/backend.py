@@ -35,9 +35,12 @@ MAX_SPLITS = 128
 DECODE_MAX_ROWS = 64  # query rows (tokens x group heads) per program for the decode plan
 # The split combine's loads: about this many float32 elements each (64 per thread of its 4 warps).
 COMBINE_TILE = 8192
-COMBINE_OUT_CHUNK = 32  # output columns per rotation product in the combine
+COMBINE_OUT_CHUNK = 64  # output columns per rotation product in the combine
 COMBINE_PER_HEAD_SPLITS = 64  # from this many partials per head, each combine program takes one head
-ROTATE_ROWS, ROTATE_COLS = 32, 32  # query rows and output columns per program of the rotation before decoding
+# The rotation of the queries before decoding: query rows and output columns per program, and
+# the query columns per product (the whole row where the head dim allows: each chunk is a
+# round trip to memory, one after another).
+ROTATE_ROWS, ROTATE_COLS, ROTATE_CHUNK = 16, 64, 128
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,11 @@ class LaunchPlan:
     gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by its own programs)
     max_registers: Optional[int] = None  # the Gluon kernel's register cap per thread (more programs resident per SM)
     combine_heads: int = 0  # query heads per program of the split combine (0: the rule of `_combine_heads`)
+
+
+def _pow2_divisor(n: int, most: int) -> int:
+    """The largest power of two that divides ``n`` and is at most ``most``."""
+    return min(n & -n, most)
 
 
 def next_pow2(n: int) -> int:
@@ -141,7 +149,8 @@ class TurboQuantAttention:
         the Gluon kernel's cap (default ``gluon_decode.MAX_REGISTERS``).
         ``programs_per_sm``: KV splits are added until about this many programs run per SM
         (default ``TARGET_PROGRAMS_PER_SM``; the Gluon kernel's splits make ``rounds`` whole
-        rounds of resident programs instead, default ``gluon_decode.ROUNDS``)."""
+        rounds of resident programs instead, default ``gluon_decode.ROUNDS``, fewer where a split
+        would hold fewer than ``gluon_decode.MIN_KEYS_PER_SPLIT_FOR_ROUNDS`` keys)."""
         max_q = max(1, meta.max_query_len)
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         if gluon is None:
@@ -194,8 +203,13 @@ class TurboQuantAttention:
         max_registers = max_registers or gluon_decode.MAX_REGISTERS
         pairs = meta.num_seqs * self.request.num_kv_heads
         if splits is None and programs_per_sm is None:
-            splits = _whole_rounds_splits(pairs, max_kv, rounds or gluon_decode.ROUNDS,
-                                          (self.sm_count or 1) * gluon_decode.resident_per_sm(max_registers))
+            resident = (self.sm_count or 1) * gluon_decode.resident_per_sm(max_registers)
+            if rounds is None:
+                rounds = gluon_decode.ROUNDS
+                while rounds > 1 and max_kv < gluon_decode.MIN_KEYS_PER_SPLIT_FOR_ROUNDS * _whole_rounds_splits(
+                        pairs, max_kv, rounds, resident):
+                    rounds -= 1
+            splits = _whole_rounds_splits(pairs, max_kv, rounds, resident)
         splits, per_split = _split_kv(pairs, max_kv, block_n, splits, programs_per_sm or 0.0, MIN_TOKENS_PER_SPLIT,
                                       self.sm_count or 1)
         # Queries rotated once before the kernel; the exact tail, if any, is the kernel's last partial.
@@ -267,7 +281,7 @@ class TurboQuantAttention:
         lse = torch.empty(num_tokens, req.num_heads, splits, dtype=torch.float32, device=query.device)
         rot_chunk = min(32, req.head_dim, req.v_dim)
         q_tiles = math.ceil(max(1, meta.max_query_len) / plan.block_q)
-        q_in = self._rotate_queries(query, ops, rot_chunk) if plan.rotated_query else query
+        q_in = self._rotate_queries(query, ops) if plan.rotated_query else query
         score_scale = req.softmax_scale * _LOG2E / math.sqrt(req.head_dim)
         if has_tail:
             tail = pages.exact_tail
@@ -322,14 +336,14 @@ class TurboQuantAttention:
         x 32k (24 splits) from 9.1 to 11.0 (H100, BENCHMARKS.md)."""
         return 1 if splits >= COMBINE_PER_HEAD_SPLITS else self.group
 
-    def _rotate_queries(self, query: torch.Tensor, ops: dict, chunk: int) -> torch.Tensor:
+    def _rotate_queries(self, query: torch.Tensor, ops: dict) -> torch.Tensor:
         """``query @ R_k^T`` in float32 (contiguous), one launch."""
         if query.dtype == torch.float32:  # the kernel splits 16-bit rows into bfloat16 parts
             return torch.matmul(query, ops["q_rot"])
         tokens, heads, dim = query.shape
         out = torch.empty(tokens, heads, dim, dtype=torch.float32, device=query.device)
         rows = tokens * heads
-        cols = min(ROTATE_COLS, dim)
+        cols, chunk = _pow2_divisor(dim, ROTATE_COLS), _pow2_divisor(dim, ROTATE_CHUNK)
         kernels.rotate_queries_kernel[(math.ceil(rows / ROTATE_ROWS), dim // cols)](
             query, out, ops["q_hi"], ops["q_lo"], rows, heads, query.stride(0), query.stride(1),
             BLOCK_R=ROTATE_ROWS, DIM=dim, COLS=cols, CHUNK=chunk, UPCAST=_INTERPRETED, num_warps=4)
