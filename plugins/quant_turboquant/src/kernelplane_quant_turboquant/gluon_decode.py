@@ -223,8 +223,11 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
     ``kv_hi`` in the page are read and masked later (the page exists); past the sequence's
     pages, block 0 is read instead. Norms come as the 32-bit words of their pairs
     (``_norms``; strides in words)."""
-    block = gl.load(table_ptr + start // PAGE, mask=start < kv_hi, other=0).to(gl.int64)
-    row = gl.multiple_of(start % PAGE, 16)  # steps start at multiples of 16
+    # Positions are never negative: an unsigned division skips the sign fix-ups (about 20
+    # integer instructions per step), and the row comes from the quotient.
+    page = (start.to(gl.uint32) // PAGE).to(gl.int32)
+    block = gl.load(table_ptr + page, mask=start < kv_hi, other=0).to(gl.int64)
+    row = gl.multiple_of(start - page * PAGE, 16)  # steps start at multiples of 16
     kb = gl.load(kc_head + (block * stride_kcb + row * stride_kct) + k_offsets)
     vw = gl.load(vc_head + (block * stride_vcb + row * stride_vct) + v_offsets)
     kn = gl.load(kn_head + (block * stride_knb + row // 2) + offs_nw)
