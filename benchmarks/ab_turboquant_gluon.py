@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib.util
 import os
 import sys
@@ -115,36 +114,20 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs an NVIDIA GPU")
         return 1
-    import triton
-
     import bench_turboquant as bt
-    from kernelplane import AttentionMetadata
-    from kernelplane.reference.attention import ReferenceAttention
+    from bench_turboquant_gluon import gluon_setup, written_decode_case
 
-    device, fmt = "cuda", "turboquant2"
-    gen = torch.Generator().manual_seed(0)
-    bt.register_plugins()
-    quantizer, backend, request = bt.quantizer_for(fmt), bt.tq_backend(fmt), bt.request_for(fmt)
-    if backend.gluon_unavailable:
-        print(f"the Gluon kernel cannot run here: {backend.gluon_unavailable}")
+    device, gen = "cuda", torch.Generator().manual_seed(0)
+    setup = gluon_setup(bt)
+    if setup is None:
         return 1
+    quantizer, backend, request = setup
     versions = versions_from(args)
     hq, hkv, dim = bt.HQ, bt.HKV, bt.D
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; Hq {hq} / Hkv {hkv}, head dim {dim}")
     for label, (module, constexprs, constants) in versions.items():
         print(f"  {label}: {module.__file__}" + "".join(f" with {d}" for d in (constexprs, constants) if d))
 
-    # Correctness: written keys and values, a ragged batch with splits and masked ends.
-    lens = [8192, 3000, 17, 4096, 700]
-    tables, used = bt.tables_for(lens, 16, 0, gen)
-    pages = bt.random_tq_pool(quantizer, used + 2, device, gen)
-    written = AttentionMetadata.build(lens, lens, tables, 16, device)
-    quantizer.write(pages, torch.randn(sum(lens), hkv, dim, device=device, dtype=torch.bfloat16) * 3,
-                    torch.randn(sum(lens), hkv, dim, device=device, dtype=torch.bfloat16), written.slot_mapping)
-    meta = AttentionMetadata.build([1] * len(lens), lens, tables, 16, device)
-    query = torch.randn(len(lens), hq, dim, device=device, dtype=torch.bfloat16)
-    ref = ReferenceAttention(request).forward(query.float(), pages, meta)
+    pages, meta, query, ref = written_decode_case(bt, quantizer, request, device, gen)
     errors = {}
     for label, version in versions.items():
         with using(version):

@@ -64,6 +64,43 @@ def count() -> int:
     return 0
 
 
+def gluon_setup(bt):
+    """(the 2-bit quantizer, the TurboQuant backend, its request) of ``bench_turboquant``'s
+    shape, the GPU and versions printed; None, the reason printed, where the Gluon kernel
+    cannot run."""
+    import triton
+
+    bt.register_plugins()
+    fmt = "turboquant2"
+    quantizer, backend, request = bt.quantizer_for(fmt), bt.tq_backend(fmt), bt.request_for(fmt)
+    if backend.gluon_unavailable:
+        print(f"the Gluon kernel cannot run here: {backend.gluon_unavailable}")
+        return None
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+          f"Hq {bt.HQ} / Hkv {bt.HKV}, head dim {bt.D}")
+    return quantizer, backend, request
+
+
+def written_decode_case(bt, quantizer, request, device, gen):
+    """Correctness inputs: written keys and values (so the codes are real), a ragged decode
+    batch with splits and masked ends; (pages, metadata, query, the reference attention's
+    output on the same pages)."""
+    from kernelplane import AttentionMetadata
+    from kernelplane.reference.attention import ReferenceAttention
+
+    hq, hkv, dim = request.num_heads, request.num_kv_heads, request.head_dim
+    lens = [8192, 3000, 17, 4096, 700]
+    tables, used = bt.tables_for(lens, 16, 0, gen)
+    pages = bt.random_tq_pool(quantizer, used + 2, device, gen)
+    written = AttentionMetadata.build(lens, lens, tables, 16, device)
+    quantizer.write(pages, torch.randn(sum(lens), hkv, dim, device=device, dtype=torch.bfloat16) * 3,
+                    torch.randn(sum(lens), hkv, dim, device=device, dtype=torch.bfloat16), written.slot_mapping)
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, 16, device)
+    query = torch.randn(len(lens), hq, dim, device=device, dtype=torch.bfloat16)
+    return pages, meta, query, ReferenceAttention(request).forward(query.float(), pages, meta)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", action="store_true", help="only count the sm_90 main loop's instructions")
@@ -73,33 +110,15 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs an NVIDIA GPU (or --count)")
         return 1
-    import triton
-
     import bench_turboquant as bt
-    from kernelplane import AttentionMetadata
-    from kernelplane.reference.attention import ReferenceAttention
 
-    device, fmt = "cuda", "turboquant2"
-    gen = torch.Generator().manual_seed(0)
-    bt.register_plugins()
-    quantizer, backend, request = bt.quantizer_for(fmt), bt.tq_backend(fmt), bt.request_for(fmt)
-    if backend.gluon_unavailable:
-        print(f"the Gluon kernel cannot run here: {backend.gluon_unavailable}")
+    device, gen = "cuda", torch.Generator().manual_seed(0)
+    setup = gluon_setup(bt)
+    if setup is None:
         return 1
+    quantizer, backend, request = setup
     hq, hkv, dim = bt.HQ, bt.HKV, bt.D
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; Hq {hq} / Hkv {hkv}, head dim {dim}")
-
-    # Correctness: written keys and values, ragged decode batch, against the reference on the same pages.
-    lens = [8192, 3000, 17, 4096, 700]
-    tables, used = bt.tables_for(lens, 16, 0, gen)
-    pages = bt.random_tq_pool(quantizer, used + 2, device, gen)
-    written = AttentionMetadata.build(lens, lens, tables, 16, device)
-    quantizer.write(pages, torch.randn(sum(lens), hkv, dim, device=device, dtype=torch.bfloat16) * 3,
-                    torch.randn(sum(lens), hkv, dim, device=device, dtype=torch.bfloat16), written.slot_mapping)
-    meta = AttentionMetadata.build([1] * len(lens), lens, tables, 16, device)
-    query = torch.randn(len(lens), hq, dim, device=device, dtype=torch.bfloat16)
-    ref = ReferenceAttention(request).forward(query.float(), pages, meta)
+    pages, meta, query, ref = written_decode_case(bt, quantizer, request, device, gen)
     errors = {"Triton": bt.rel_err(backend.forward(query, pages, meta, backend.plan(meta, bits=2, gluon=False)), ref)}
     for label, plan_kw in VARIANTS.items():
         plan = backend.plan(meta, bits=2, gluon=True, **plan_kw)
