@@ -26,6 +26,10 @@ Variants printed (perplexity, change against the float32 cache):
   bits than values (4 + 2, 4 + 3) against uniform 3 and 4 bits;
 - with ``--split-channels``: the mixed 2.5-bit layout (half of each head's
   channels at 3 bits, half at 2) against the uniform formats;
+- with ``--outliers N`` (the first and latest N tokens exact): also the keys and
+  values of the tokens whose centred key is longest (per layer and KV head, a
+  fraction of the window's tokens) exact, against the same fraction chosen at
+  random (whether an outlier side table would pay);
 - with ``--principal N`` (the first and latest N tokens exact): keys split in
   the basis of their principal directions (from held-out text of the same
   corpus), the 16 strongest directions at more bits than the other 48, each
@@ -134,6 +138,8 @@ def main() -> int:
                     help="instead: with the first and latest N tokens exact, where the key offset comes from "
                          "(the window, the engine's start-up text, the window's first 128 tokens) and a "
                          "per-channel key scale from the start-up text's queries and keys")
+    ap.add_argument("--outliers", type=int, metavar="N", default=0,
+                    help="with the first and latest N tokens exact: the longest centred keys exact too")
     ap.add_argument("--principal", type=int, metavar="N", default=0,
                     help="instead: with the first and latest N tokens exact, keys split by principal directions "
                          "(the 16 strongest at more bits) against uniform keys at the same or more bytes")
@@ -159,14 +165,24 @@ def main() -> int:
     windows = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
     codecs = {b: TurboQuantCodec(b, dim, seed=0x7C5A_0001 + dim, norm_mode=DEFAULT_NORM_MODE[b]) for b in (2, 3, 4)}
 
-    def variant(kbits=None, vbits=None, sink=0, center_values=False, key_mu="mean") -> Transform:
+    def variant(kbits=None, vbits=None, sink=0, center_values=False, key_mu="mean", outliers=0.0,
+                random_outliers=False) -> Transform:
         def transform(k, v):
             head_k, head_v, k, v = k[:sink], v[:sink], k[sink:], v[sink:]
+            exact_k, exact_v = k, v
             if kbits:
                 mu = k.mean(0) if key_mu == "mean" else head_k[0] if sink else k[0]
                 k = round_trip(codecs[kbits], k, mu)
             if vbits:
                 v = round_trip(codecs[vbits], v, v.mean(0) if center_values else None)
+            if outliers:  # [tokens, heads]: the longest centred keys (or random tokens) exact
+                length = (exact_k - exact_k.mean(0)).norm(dim=-1)
+                if random_outliers:
+                    length = torch.rand(length.shape, generator=torch.Generator().manual_seed(k.shape[0]))
+                count = max(1, round(outliers * length.shape[0]))
+                keep = torch.zeros_like(length, dtype=torch.bool).scatter_(0, length.topk(count, dim=0).indices, True)
+                k = torch.where(keep[..., None], exact_k, k)
+                v = torch.where(keep[..., None], exact_v, v)
             return torch.cat([head_k, k]), torch.cat([head_v, v])
         return transform
 
@@ -213,6 +229,17 @@ def main() -> int:
         return 0
     if args.offsets:
         offsets(report, codecs, priming_statistics(lm), args.offsets)
+        return 0
+    if args.outliers:
+        n = args.outliers
+        for bits in (3, 4):
+            report(f"K+V {bits} bits, first token and latest {n} exact", variant(kbits=bits, vbits=bits, sink=1),
+                   recent=n)
+            for share in (0.01, 0.03):
+                for chosen in ("longest centred keys", "random tokens"):
+                    report(f"K+V {bits} bits, first, latest {n} and {share:.0%} {chosen} exact",
+                           variant(kbits=bits, vbits=bits, sink=1, outliers=share,
+                                   random_outliers=chosen == "random tokens"), recent=n)
         return 0
     if args.principal:
         held_out = ids[args.windows * args.window:args.windows * args.window + 2048]
