@@ -247,7 +247,8 @@ def test_gluon_decode_kernel(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("dim, tiles", [(64, None), (128, None), (96, None), (128, (32, 32, 32)), (64, (16, 32, 64))])
+@pytest.mark.parametrize("dim, tiles", [(64, None), (128, None), (256, None), (96, None), (128, (32, 32, 32)),
+                                        (64, (16, 32, 64))])
 def test_rotate_queries_kernel_matches_the_float32_product(dtype, dim, tiles, monkeypatch):
     """The decode plans' one-launch query rotation, on strided rows (a slice of a fused QKV),
     at the backend's tile shapes and others (a head dim whose rows are not a power of two
