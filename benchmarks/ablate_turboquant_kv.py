@@ -30,6 +30,18 @@ Variants printed (perplexity, change against the float32 cache):
   values of the tokens whose centred key is longest (per layer and KV head, a
   fraction of the window's tokens) exact, against the same fraction chosen at
   random (whether an outlier side table would pay);
+- with ``--norm-modes N`` (the first and latest N tokens exact): the stored norm
+  (``codec.NORM_MODES``) for keys and values at 3 and 4 bits, and the default
+  under other random rotations (``--seeds S`` draws, each its own seed);
+- with ``--debias N`` (the first and latest N tokens exact): each quantized key's
+  scores less half their noise variance over queries, ``|q|^2 |e|^2 / (2 d^2)``
+  (``e``: the key's error, its own or the codec's mean
+  times the key's length): a key's error inflates its softmax weight by
+  ``exp(variance / 2)`` on average, more for longer keys;
+- with ``--draws S`` (the first and latest 64 tokens exact): S random rotations
+  (keys and values each their own seed) at 3 and 4 bits, each on the usual
+  windows and on as many windows of the text after them: whether a draw that
+  does well on one text does well on another;
 - with ``--principal N`` (the first and latest N tokens exact): keys split in
   the basis of their principal directions (from held-out text of the same
   corpus), the 16 strongest directions at more bits than the other 48, each
@@ -56,6 +68,12 @@ from kernelplane_quant_turboquant.quantizer import DEFAULT_NORM_MODE
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def unit_error(codec: TurboQuantCodec) -> float:
+    """The codec's mean squared error on random unit vectors."""
+    x = torch.nn.functional.normalize(torch.randn(8192, codec.dim, generator=torch.Generator().manual_seed(5)), dim=-1)
+    return (codec.decode(*codec.encode(x)) - x).pow(2).sum(-1).mean().item()
+
+
 def round_trip(codec: TurboQuantCodec, x: torch.Tensor, mu: Optional[torch.Tensor]) -> torch.Tensor:
     """``x [tokens, heads, dim]`` quantized and dequantized, stored relative to ``mu``."""
     y = x - mu if mu is not None else x
@@ -64,7 +82,9 @@ def round_trip(codec: TurboQuantCodec, x: torch.Tensor, mu: Optional[torch.Tenso
 
 class WindowAttention:
     """An attention backend for one layer: exact causal attention over K/V passed through ``transform``.
-    ``recent``: each query reads its last ``recent`` positions (itself included) exact."""
+    ``recent``: each query reads its last ``recent`` positions (itself included) exact. A
+    transform may return a third tensor, each key's squared error (``[tokens, KV heads]``):
+    its scores then lose the softmax weight that error adds on average (``--debias``)."""
 
     def __init__(self, group: int, transform: Optional[Transform], recent: int = 0):
         self.group, self.transform, self.recent = group, transform, recent
@@ -73,8 +93,10 @@ class WindowAttention:
         n = query.shape[0]
         k, v = pages.key.flatten(0, 1)[:n], pages.value.flatten(0, 1)[:n]
         exact_k, exact_v = k, v
+        noise = None
         if self.transform is not None:
-            k, v = self.transform(k, v)
+            k, v, *noise = self.transform(k, v)
+            noise = noise[0].repeat_interleave(self.group, dim=1).transpose(0, 1) if noise else None
         k, v, exact_k, exact_v = (t.repeat_interleave(self.group, dim=1).transpose(0, 1)
                                   for t in (k, v, exact_k, exact_v))
         q = query.transpose(0, 1)
@@ -84,7 +106,13 @@ class WindowAttention:
         i = torch.arange(n)
         lag = i[:, None] - i[None, :]  # query position - key position
         near = (lag >= 0) & (lag < self.recent)
-        scores = torch.where(near, q @ exact_k.transpose(1, 2), q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+        quantized = q @ k.transpose(1, 2)
+        if noise is not None:
+            # A key's error e adds q.e / sqrt(d) to its scores: over queries about N(0, |q|^2 |e|^2 / d^2),
+            # which inflates its softmax weight by exp(var / 2) on average; take that back (here before
+            # the scores' 1 / sqrt(d)).
+            quantized = quantized - q.pow(2).sum(-1, keepdim=True) * noise[:, None, :] / (2 * q.shape[-1] ** 1.5)
+        scores = torch.where(near, q @ exact_k.transpose(1, 2), quantized) / math.sqrt(q.shape[-1])
         weights = scores.masked_fill(lag < 0, float("-inf")).softmax(-1)
         out = (weights * near) @ exact_v + (weights * ~near) @ v
         return out.transpose(0, 1)
@@ -138,6 +166,14 @@ def main() -> int:
                     help="instead: with the first and latest N tokens exact, where the key offset comes from "
                          "(the window, the engine's start-up text, the window's first 128 tokens) and a "
                          "per-channel key scale from the start-up text's queries and keys")
+    ap.add_argument("--norm-modes", type=int, metavar="N", default=0,
+                    help="with the first and latest N tokens exact: the stored norm's modes, and rotation draws")
+    ap.add_argument("--seeds", type=int, default=1, metavar="S",
+                    help="with --norm-modes: S rotation draws of the default (the first is the usual seed)")
+    ap.add_argument("--draws", type=int, metavar="S", default=0,
+                    help="S rotation draws at 3 and 4 bits, on the usual windows and on later ones")
+    ap.add_argument("--debias", type=int, metavar="N", default=0,
+                    help="with the first and latest N tokens exact: scores less the weight each key's error adds")
     ap.add_argument("--outliers", type=int, metavar="N", default=0,
                     help="with the first and latest N tokens exact: the longest centred keys exact too")
     ap.add_argument("--principal", type=int, metavar="N", default=0,
@@ -166,15 +202,20 @@ def main() -> int:
     codecs = {b: TurboQuantCodec(b, dim, seed=0x7C5A_0001 + dim, norm_mode=DEFAULT_NORM_MODE[b]) for b in (2, 3, 4)}
 
     def variant(kbits=None, vbits=None, sink=0, center_values=False, key_mu="mean", outliers=0.0,
-                random_outliers=False) -> Transform:
+                random_outliers=False, key_codec=None, value_codec=None, debias=None) -> Transform:
         def transform(k, v):
             head_k, head_v, k, v = k[:sink], v[:sink], k[sink:], v[sink:]
             exact_k, exact_v = k, v
+            noise = None
             if kbits:
                 mu = k.mean(0) if key_mu == "mean" else head_k[0] if sink else k[0]
-                k = round_trip(codecs[kbits], k, mu)
+                k = round_trip(key_codec or codecs[kbits], k, mu)
+                if debias == "actual":  # each key's own squared error
+                    noise = (k - exact_k).pow(2).sum(-1)
+                elif debias == "expected":  # the codec's mean relative error times the stored vector's length
+                    noise = unit_error(key_codec or codecs[kbits]) * (exact_k - mu).pow(2).sum(-1)
             if vbits:
-                v = round_trip(codecs[vbits], v, v.mean(0) if center_values else None)
+                v = round_trip(value_codec or codecs[vbits], v, v.mean(0) if center_values else None)
             if outliers:  # [tokens, heads]: the longest centred keys (or random tokens) exact
                 length = (exact_k - exact_k.mean(0)).norm(dim=-1)
                 if random_outliers:
@@ -183,6 +224,10 @@ def main() -> int:
                 keep = torch.zeros_like(length, dtype=torch.bool).scatter_(0, length.topk(count, dim=0).indices, True)
                 k = torch.where(keep[..., None], exact_k, k)
                 v = torch.where(keep[..., None], exact_v, v)
+                noise = torch.where(keep, 0.0, noise) if noise is not None else None
+            if noise is not None:
+                return torch.cat([head_k, k]), torch.cat([head_v, v]), torch.cat([noise.new_zeros(head_k.shape[:2]),
+                                                                                  noise])
             return torch.cat([head_k, k]), torch.cat([head_v, v])
         return transform
 
@@ -229,6 +274,45 @@ def main() -> int:
         return 0
     if args.offsets:
         offsets(report, codecs, priming_statistics(lm), args.offsets)
+        return 0
+    if args.norm_modes:
+        n = args.norm_modes
+        for bits in (3, 4):
+            for key_mode, value_mode in (("unbiased", "unbiased"), ("mse", "mse"), ("unbiased", "mse"),
+                                         ("length", "length")):
+                kc, vc = (TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim, norm_mode=mode)
+                          for mode in (key_mode, value_mode))
+                report(f"K+V {bits} bits, norms: keys {key_mode}, values {value_mode}; first and latest {n} exact",
+                       variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=n)
+            for seed in range(1, args.seeds):
+                kc, vc = (TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim + 7919 * seed + part,
+                                          norm_mode=DEFAULT_NORM_MODE[bits]) for part in (0, 1))
+                report(f"K+V {bits} bits, default norms, rotation draw {seed}; first and latest {n} exact",
+                       variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=n)
+        return 0
+    if args.draws:
+        later = [ids[(args.windows + i) * args.window:(args.windows + i + 1) * args.window]
+                 for i in range(args.windows)]
+        later_base = perplexity(lm, later, None)
+        print(f"| (float32 cache on the {args.windows} later windows: {later_base:.4f}) | | |")
+        for bits in (3, 4):
+            for seed in range(args.draws):
+                kc, vc = (TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim + 7919 * seed + part,
+                                          norm_mode=DEFAULT_NORM_MODE[bits]) for part in (0, 1))
+                transform = variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc)
+                report(f"K+V {bits} bits, rotation draw {seed}, usual windows", transform, recent=64)
+                q = perplexity(lm, later, transform, recent=64)
+                print(f"| K+V {bits} bits, rotation draw {seed}, later windows | {q:.4f} | "
+                      f"{100 * (q / later_base - 1):+.2f} % |", flush=True)
+        return 0
+    if args.debias:
+        n = args.debias
+        for bits in (3, 4):
+            print(f"| ({bits}-bit codec's squared error on unit vectors: {unit_error(codecs[bits]):.4f}) | | |")
+            for debias in (None, "expected", "actual"):
+                report(f"K+V {bits} bits, first and latest {n} exact" + (f", scores debiased ({debias} error)"
+                                                                        if debias else ""),
+                       variant(kbits=bits, vbits=bits, sink=1, debias=debias), recent=n)
         return 0
     if args.outliers:
         n = args.outliers
