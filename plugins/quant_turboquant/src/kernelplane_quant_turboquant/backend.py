@@ -412,6 +412,8 @@ def _combine_column_programs(programs: int, v_dim: int) -> int:
     of the output columns (and merging the partials again): a small batch leaves most SMs
     idle and each program's chain of loads is latency. On an H200 (2026-12-03,
     BENCHMARKS.md) 4 took batch 1 x 32k from 7.4 to 5.5 µs; 2 took batch 4, 8 and 16
-    from 7.5 / 7.2 / 6.4 to 7.2 / 5.9 / 5.5 µs. Not measured past 128 programs: one there."""
+    from 7.5 / 7.2 / 6.4 to 7.2 / 5.9 / 5.5 µs (products of 32 columns). Not measured past
+    128 programs: one there. At most one per ``COMBINE_OUT_CHUNK`` columns: at head dim 128
+    that is 2 since the products take 64 (as fast as 4 of 32 in the whole forward)."""
     wanted = 4 if programs < 64 else 2 if programs <= 128 else 1
     return max(1, min(wanted, v_dim // COMBINE_OUT_CHUNK))
