@@ -38,7 +38,8 @@ element (``bench_turboquant_gluon.py --count``):
   pipe (``_high_half``), not a shift on the integer pipe, the loop's bound;
 - one warp per program, 168 registers per thread (12 programs resident per
   SM); KV splits make two whole rounds of resident programs where the batch
-  allows (``ROUNDS``).
+  allows (``ROUNDS``), one where two would leave splits short
+  (``MIN_KEYS_PER_SPLIT_FOR_ROUNDS``).
 
 Decode steps only (one query token per sequence), no sliding window, head
 dims 64 or 128 (the ones tested), pages a multiple of 16 tokens. Its partial
