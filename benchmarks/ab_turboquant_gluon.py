@@ -111,9 +111,6 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(f"{b}x{n}" for b, n in SHAPES),
                     help="decode batches as BxL, comma-separated (default: %(default)s)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs an NVIDIA GPU")
-        return 1
     import bench_turboquant as bt
     from bench_turboquant_gluon import gluon_setup, written_decode_case
 

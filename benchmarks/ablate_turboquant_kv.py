@@ -203,6 +203,8 @@ def main() -> int:
 
     def variant(kbits=None, vbits=None, sink=0, center_values=False, key_mu="mean", outliers=0.0,
                 random_outliers=False, key_codec=None, value_codec=None, debias=None) -> Transform:
+        expected_error = unit_error(key_codec or codecs[kbits]) if debias == "expected" else None
+
         def transform(k, v):
             head_k, head_v, k, v = k[:sink], v[:sink], k[sink:], v[sink:]
             exact_k, exact_v = k, v
@@ -213,7 +215,7 @@ def main() -> int:
                 if debias == "actual":  # each key's own squared error
                     noise = (k - exact_k).pow(2).sum(-1)
                 elif debias == "expected":  # the codec's mean relative error times the stored vector's length
-                    noise = unit_error(key_codec or codecs[kbits]) * (exact_k - mu).pow(2).sum(-1)
+                    noise = expected_error * (exact_k - mu).pow(2).sum(-1)
             if vbits:
                 v = round_trip(value_codec or codecs[vbits], v, v.mean(0) if center_values else None)
             if outliers:  # [tokens, heads]: the longest centred keys (or random tokens) exact
@@ -230,6 +232,11 @@ def main() -> int:
                                                                                   noise])
             return torch.cat([head_k, k]), torch.cat([head_v, v])
         return transform
+
+    def drawn_codecs(bits: int, draw: int) -> tuple[TurboQuantCodec, TurboQuantCodec]:
+        """Key and value codecs of rotation draw ``draw``, each its own seed, the default norms."""
+        return tuple(TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim + 7919 * draw + part,
+                                     norm_mode=DEFAULT_NORM_MODE[bits]) for part in (0, 1))
 
     base = perplexity(lm, windows, None)
     print(f"SmolLM2-135M, {args.windows} windows of {args.window} tokens; float32 cache: {base:.4f}")
@@ -285,8 +292,7 @@ def main() -> int:
                 report(f"K+V {bits} bits, norms: keys {key_mode}, values {value_mode}; first and latest {n} exact",
                        variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=n)
             for seed in range(1, args.seeds):
-                kc, vc = (TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim + 7919 * seed + part,
-                                          norm_mode=DEFAULT_NORM_MODE[bits]) for part in (0, 1))
+                kc, vc = drawn_codecs(bits, seed)
                 report(f"K+V {bits} bits, default norms, rotation draw {seed}; first and latest {n} exact",
                        variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=n)
         return 0
@@ -297,8 +303,7 @@ def main() -> int:
         print(f"| (float32 cache on the {args.windows} later windows: {later_base:.4f}) | | |")
         for bits in (3, 4):
             for seed in range(args.draws):
-                kc, vc = (TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim + 7919 * seed + part,
-                                          norm_mode=DEFAULT_NORM_MODE[bits]) for part in (0, 1))
+                kc, vc = drawn_codecs(bits, seed)
                 transform = variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc)
                 report(f"K+V {bits} bits, rotation draw {seed}, usual windows", transform, recent=64)
                 q = perplexity(lm, later, transform, recent=64)

@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernelplane_quant_turboquant import kernels
+from kernelplane_quant_turboquant.backend import COMBINE_OUT_CHUNK
 from kernelplane_quant_turboquant.codec import TurboQuantCodec
 from kernelplane_quant_turboquant.decode_asm import decode_asm
 from kernelplane_quant_turboquant.packing import main_bits, num_fields
@@ -97,7 +98,7 @@ def compile_write_case(bits: int, dim: int, norm_mode: int, rotated: bool, exact
 def compile_combine_case():
     """The split combine (merge by log-sum-exp, rotate back) for sm_90."""
     fn = kernels.combine_splits_kernel
-    constants = dict(GROUP=GROUP, BLOCK_H=GROUP, BLOCK_S=64, SPLIT_CHUNK=16, HEAD_DIM_V=D, OUT_CHUNK=32,
+    constants = dict(GROUP=GROUP, BLOCK_H=GROUP, BLOCK_S=64, SPLIT_CHUNK=16, HEAD_DIM_V=D, OUT_CHUNK=COMBINE_OUT_CHUNK,
                      REPEAT=16 // GROUP, OUT_COLS=D, UPCAST=False)
     pointers = dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", orot_hi_ptr="*bf16", orot_lo_ptr="*bf16")
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in fn.arg_names}

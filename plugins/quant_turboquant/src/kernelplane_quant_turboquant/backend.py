@@ -204,12 +204,11 @@ class TurboQuantAttention:
         pairs = meta.num_seqs * self.request.num_kv_heads
         if splits is None and programs_per_sm is None:
             resident = (self.sm_count or 1) * gluon_decode.resident_per_sm(max_registers)
-            if rounds is None:
-                rounds = gluon_decode.ROUNDS
-                while rounds > 1 and max_kv < gluon_decode.MIN_KEYS_PER_SPLIT_FOR_ROUNDS * _whole_rounds_splits(
-                        pairs, max_kv, rounds, resident):
-                    rounds -= 1
+            fewer_if_short, rounds = rounds is None, rounds or gluon_decode.ROUNDS
             splits = _whole_rounds_splits(pairs, max_kv, rounds, resident)
+            while fewer_if_short and rounds > 1 and max_kv < gluon_decode.MIN_KEYS_PER_SPLIT_FOR_ROUNDS * splits:
+                rounds -= 1
+                splits = _whole_rounds_splits(pairs, max_kv, rounds, resident)
         splits, per_split = _split_kv(pairs, max_kv, block_n, splits, programs_per_sm or 0.0, MIN_TOKENS_PER_SPLIT,
                                       self.sm_count or 1)
         # Queries rotated once before the kernel; the exact tail, if any, is the kernel's last partial.
