@@ -14,7 +14,8 @@ rounds (each version's figure is its minimum over the rounds):
   ``gluon_decode.NAME=VALUE`` (a module constant: ``gluon_decode.ROUNDS=1``).
 
 Every version is first checked against the reference attention on written
-pages; the timing is the backend's whole forward (query rotation, decode
+pages (``--timing-only LABEL`` exempts a version that is wrong on purpose: a bound
+on what a change not yet built could gain); the timing is the backend's whole forward (query rotation, decode
 kernel, split combine) in CUDA-graph replays, as in
 ``bench_turboquant_gluon.py``. The table prints SDPA on bfloat16 K/V (the
 peer) and each version's share of the copy bandwidth measured in the same run.
@@ -107,6 +108,8 @@ def using(version):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:SETTING[,SETTING]")
+    ap.add_argument("--timing-only", action="append", default=[], metavar="LABEL",
+                    help="a version whose outputs need not match the reference (a what-if bound)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(f"{b}x{n}" for b, n in SHAPES),
                     help="decode batches as BxL, comma-separated (default: %(default)s)")
@@ -131,7 +134,7 @@ def main() -> int:
             errors[label] = bt.rel_err(backend.forward(query, pages, meta, backend.plan(meta, bits=2, gluon=True)), ref)
     print("relative error against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     del pages
-    if max(errors.values()) > 5e-3:
+    if max(e for label, e in errors.items() if label not in args.timing_only) > 5e-3:
         print("a version disagrees with the reference: no timing")
         return 1
 

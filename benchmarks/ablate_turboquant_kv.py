@@ -42,6 +42,15 @@ Variants printed (perplexity, change against the float32 cache):
   (keys and values each their own seed) at 3 and 4 bits, each on the usual
   windows and on as many windows of the text after them: whether a draw that
   does well on one text does well on another;
+- with ``--scale-search N`` (the first and latest 64 tokens exact): encoders that try
+  N input scales per vector (``TurboQuantCodec.scale_search``) against the plain
+  encoder, at 3 and 4 bits, under ``--seeds S`` rotation draws (paired: the same
+  draw with and without the search);
+- with ``--rotations R`` (the first and latest 64 tokens exact): each token quantized
+  under one of R rotation draws (token t under draw t % R; keys only; by runs of 16
+  tokens), or under one rotation with the scale search's grid shifted by (t % R) / R
+  of a step, against one draw for all tokens (``--seeds S`` such comparisons):
+  whether decorrelating the errors of similar tokens pays;
 - with ``--principal N`` (the first and latest N tokens exact): keys split in
   the basis of their principal directions (from held-out text of the same
   corpus), the 16 strongest directions at more bits than the other 48, each
@@ -62,8 +71,8 @@ from kernelplane import AttentionMetadata
 from kernelplane.kv_cache import allocate_plain_pages
 from kernelplane.models import load_model
 from kernelplane_quant_turboquant.codebook import codebook_for
-from kernelplane_quant_turboquant.codec import TurboQuantCodec
-from kernelplane_quant_turboquant.quantizer import DEFAULT_NORM_MODE
+from kernelplane_quant_turboquant.codec import SEARCH_STEP, TurboQuantCodec
+from kernelplane_quant_turboquant.quantizer import DEFAULT_NORM_MODE, DEFAULT_SCALE_SEARCH
 
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,7 +103,9 @@ class WindowAttention:
         k, v = pages.key.flatten(0, 1)[:n], pages.value.flatten(0, 1)[:n]
         exact_k, exact_v = k, v
         noise = None
-        if self.transform is not None:
+        if getattr(self.transform, "wants_queries", False):  # --query-weighted: the window's queries too
+            k, v = self.transform(k, v, query.reshape(n, -1, self.group, query.shape[-1]))
+        elif self.transform is not None:
             k, v, *noise = self.transform(k, v)
             noise = noise[0].repeat_interleave(self.group, dim=1).transpose(0, 1) if noise else None
         k, v, exact_k, exact_v = (t.repeat_interleave(self.group, dim=1).transpose(0, 1)
@@ -120,13 +131,20 @@ class WindowAttention:
 
 @torch.inference_mode()
 def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
-               layers: Optional[set[int]] = None, recent: int = 0, per_layer: bool = False) -> float:
-    """``layers``: the layers whose K/V pass through ``transform`` (default: all);
-    ``recent``: that many latest positions of each query read exact."""
+               layers: Optional[set[int]] = None, recent: int = 0, per_layer: bool = False,
+               reference: Optional[list[torch.Tensor]] = None) -> tuple[float, float]:
+    """(perplexity, mean KL divergence from ``reference`` in nats per token, or nan).
+    ``layers``: the layers whose K/V pass through ``transform`` (default: all);
+    ``recent``: that many latest positions of each query read exact; ``reference``: each
+    window's next-token log-probabilities under the float32 cache, to compare against, or
+    an empty list that this run fills. The divergence moves with every token's
+    distribution, not only the next token's probability, so it tells variants apart with
+    less noise than the perplexity."""
     model, c = lm.model, lm.config
     group = c.num_heads // c.num_kv_heads
-    nll, count = 0.0, 0
-    for ids in windows:
+    nll, count, divergence = 0.0, 0, 0.0
+    fill = reference is not None and not reference
+    for w, ids in enumerate(windows):
         n = len(ids)
         blocks = math.ceil(n / 16)
         caches = [allocate_plain_pages(blocks, 16, c.num_kv_heads, c.head_dim, c.head_dim, torch.float32, "cpu")
@@ -142,7 +160,12 @@ def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)
         nll -= logp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
         count += n - 1
-    return math.exp(nll / count)
+        if fill:
+            reference.append(logp.float())
+        elif reference is not None:
+            ref = reference[w].double()
+            divergence += (ref.exp() * (ref - logp)).sum().item()
+    return math.exp(nll / count), (divergence / count if reference is not None and not fill else math.nan)
 
 
 def main() -> int:
@@ -176,6 +199,12 @@ def main() -> int:
                     help="with the first and latest N tokens exact: scores less the weight each key's error adds")
     ap.add_argument("--outliers", type=int, metavar="N", default=0,
                     help="with the first and latest N tokens exact: the longest centred keys exact too")
+    ap.add_argument("--scale-search", type=int, metavar="N", default=0,
+                    help="encoders trying N input scales per vector against the plain one (latest 64 exact)")
+    ap.add_argument("--rotations", type=int, metavar="R", default=0,
+                    help="tokens spread over R rotation draws (or R scale grids) against one (latest 64 exact)")
+    ap.add_argument("--query-weighted", action="store_true",
+                    help="keys coded for least score error under the window's own queries (latest 64 exact)")
     ap.add_argument("--principal", type=int, metavar="N", default=0,
                     help="instead: with the first and latest N tokens exact, keys split by principal directions "
                          "(the 16 strongest at more bits) against uniform keys at the same or more bytes")
@@ -199,7 +228,8 @@ def main() -> int:
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     ids = lm.tokenizer.encode(text, add_special_tokens=False)
     windows = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
-    codecs = {b: TurboQuantCodec(b, dim, seed=0x7C5A_0001 + dim, norm_mode=DEFAULT_NORM_MODE[b]) for b in (2, 3, 4)}
+    codecs = {b: TurboQuantCodec(b, dim, seed=0x7C5A_0001 + dim, norm_mode=DEFAULT_NORM_MODE[b],
+                                 scale_search=DEFAULT_SCALE_SEARCH[b]) for b in (2, 3, 4)}
 
     def variant(kbits=None, vbits=None, sink=0, center_values=False, key_mu="mean", outliers=0.0,
                 random_outliers=False, key_codec=None, value_codec=None, debias=None) -> Transform:
@@ -233,21 +263,25 @@ def main() -> int:
             return torch.cat([head_k, k]), torch.cat([head_v, v])
         return transform
 
-    def drawn_codecs(bits: int, draw: int) -> tuple[TurboQuantCodec, TurboQuantCodec]:
-        """Key and value codecs of rotation draw ``draw``, each its own seed, the default norms."""
+    def drawn_codecs(bits: int, draw: int, scale_search: Optional[int] = None) -> tuple[TurboQuantCodec, TurboQuantCodec]:
+        """Key and value codecs of rotation draw ``draw``, each its own seed, the default norms
+        and (unless given) scale search."""
         return tuple(TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim + 7919 * draw + part,
-                                     norm_mode=DEFAULT_NORM_MODE[bits]) for part in (0, 1))
+                                     norm_mode=DEFAULT_NORM_MODE[bits],
+                                     scale_search=scale_search or DEFAULT_SCALE_SEARCH[bits])
+                     for part in (0, 1))
 
-    base = perplexity(lm, windows, None)
+    reference: list[torch.Tensor] = []
+    base, _ = perplexity(lm, windows, None, reference=reference)
     print(f"SmolLM2-135M, {args.windows} windows of {args.window} tokens; float32 cache: {base:.4f}")
 
     def report(name: str, transform: Transform, **kw) -> float:
         """One table row; ``kw`` goes to ``perplexity`` (layers, recent)."""
-        p = perplexity(lm, windows, transform, **kw)
-        print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % |", flush=True)
+        p, kl = perplexity(lm, windows, transform, reference=reference, **kw)
+        print(f"| {name} | {p:.4f} | {100 * (p / base - 1):+.2f} % | {1000 * kl:.3f} |", flush=True)
         return p
 
-    print("| variant | perplexity | change |\n|---|---|---|")
+    print("| variant | perplexity | change | KL from float32, millinats per token |\n|---|---|---|---|")
     if args.split_channels:
         split_channels(report, variant, dim)
         return 0
@@ -299,16 +333,76 @@ def main() -> int:
     if args.draws:
         later = [ids[(args.windows + i) * args.window:(args.windows + i + 1) * args.window]
                  for i in range(args.windows)]
-        later_base = perplexity(lm, later, None)
+        later_base, _ = perplexity(lm, later, None)
         print(f"| (float32 cache on the {args.windows} later windows: {later_base:.4f}) | | |")
         for bits in (3, 4):
             for seed in range(args.draws):
                 kc, vc = drawn_codecs(bits, seed)
                 transform = variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc)
                 report(f"K+V {bits} bits, rotation draw {seed}, usual windows", transform, recent=64)
-                q = perplexity(lm, later, transform, recent=64)
+                q, _ = perplexity(lm, later, transform, recent=64)
                 print(f"| K+V {bits} bits, rotation draw {seed}, later windows | {q:.4f} | "
                       f"{100 * (q / later_base - 1):+.2f} % |", flush=True)
+        return 0
+    if args.scale_search:
+        for bits in (3, 4):
+            for seed in range(args.seeds):
+                for search in (1, args.scale_search):
+                    kc, vc = drawn_codecs(bits, seed, search)
+                    print(f"| ({bits}-bit codec, {search} scale(s): squared error on unit vectors "
+                          f"{unit_error(kc):.5f}) | | |")
+                    report(f"K+V {bits} bits, rotation draw {seed}, {search} input scale(s); first and latest 64 exact",
+                           variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=64)
+        return 0
+    if args.rotations:
+        def interleaved(bits: int, pairs: list, period: int = 1, planes: str = "both") -> Transform:
+            """K (and V, ``planes="both"``) of token t through codec pair ``pairs[t // period % len(pairs)]``,
+            the first token exact."""
+            def transform(k, v):
+                head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
+                mu = k.mean(0)
+                out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+                group = torch.arange(k.shape[0]) // period % len(pairs)
+                for i, (kc, vc) in enumerate(pairs):
+                    pick = group == i
+                    out_k[pick] = round_trip(kc, k[pick], mu)
+                    out_v[pick] = round_trip(vc if planes == "both" else pairs[0][1], v[pick], None)
+                return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
+            return transform
+
+        def shifted(codec: TurboQuantCodec, shift: float) -> TurboQuantCodec:
+            """``codec`` searching scales ``shift`` grid steps away from its own."""
+            import copy
+
+            other = copy.copy(codec)
+            other._device_cache = {}
+            scales = [s * math.exp(shift * SEARCH_STEP) for s in codec.search_scales()]
+            other.search_scales = lambda: scales
+            return other
+
+        r = args.rotations
+        for bits in (3, 4):
+            for seed in range(args.seeds):
+                draws = [drawn_codecs(bits, seed * r + i) for i in range(r)]
+                name = f"K+V {bits} bits, draw {seed * r}"
+                report(f"{name}; first and latest 64 exact", interleaved(bits, draws[:1]), recent=64)
+                report(f"{name}, token t under draw {seed * r} + t % {r}", interleaved(bits, draws), recent=64)
+                report(f"{name}, keys of token t under draw {seed * r} + t % {r}",
+                       interleaved(bits, draws, planes="keys"), recent=64)
+                report(f"{name}, token t under draw {seed * r} + t // 16 % {r}", interleaved(bits, draws, period=16),
+                       recent=64)
+                grids = [tuple(shifted(c, i / r) for c in draws[0]) for i in range(r)]
+                report(f"{name}, token t searching scales shifted by (t % {r}) / {r} steps",
+                       interleaved(bits, grids), recent=64)
+        return 0
+    if args.query_weighted:
+        for bits in (3, 4):
+            kc, vc = drawn_codecs(bits, 0)
+            report(f"K+V {bits} bits, draw 0; first and latest 64 exact",
+                   variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=64)
+            for norm in ("unbiased", "weighted"):
+                report(f"K+V {bits} bits, draw 0, keys coded under the window's query covariance, {norm} norm",
+                       query_weighted(kc, vc, norm), recent=64)
         return 0
     if args.debias:
         n = args.debias
@@ -362,6 +456,55 @@ def main() -> int:
         codecs[2]._device_cache.clear()
         report(f"keys + values 2 bits, centroids {name} ({a:.5f}, {b:.5f})", variant(kbits=2, vbits=2))
     return 0
+
+
+def query_weighted_codes(codec: TurboQuantCodec, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Codes (as centroids, ``[n, d]``) for the scaled unit vectors ``y`` that keep the error
+    small where ``h`` (a query covariance in the rotated basis) weighs it: coordinate by
+    coordinate, each rounding error carried into the coordinates not yet coded along the
+    rows of the Cholesky factor of ``h``'s inverse (least ``e^T h e`` greedily)."""
+    d = y.shape[-1]
+    damp = 0.01 * h.diagonal().mean()
+    u = torch.linalg.cholesky(torch.linalg.inv(h + damp * torch.eye(d, dtype=h.dtype)), upper=True)
+    y = y.clone()
+    out = torch.empty_like(y)
+    for i in range(d):
+        c = codec.table[codec.code_of_cell[torch.bucketize(y[:, i], codec.thresholds)]]
+        out[:, i] = c
+        err = (y[:, i] - c) / u[i, i]
+        y[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
+    return out
+
+
+def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, norm: str):
+    """A transform (keys centred, the first token exact) whose keys are coded under the
+    window's own query covariance per KV head (an oracle: a cache would measure it on
+    other text), the norm stored ``unbiased`` or least-squares under that covariance."""
+    rot = key_codec.rotation.matrix("cpu")
+    d = key_codec.dim
+
+    def transform(k, v, q):
+        head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
+        mu = k.mean(0)
+        x = k - mu
+        out = torch.empty_like(x)
+        for h in range(x.shape[1]):
+            qh = q[:, h].reshape(-1, d) @ rot.T  # the group's queries, rotated
+            cov = (qh.T @ qh / qh.shape[0]).double()
+            y = x[:, h] @ rot.T
+            length = y.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            c = query_weighted_codes(key_codec, (y / length * math.sqrt(d)).double(), cov).float() / math.sqrt(d)
+            if norm == "unbiased":
+                scale = length.pow(2) / (c * y).sum(-1, keepdim=True).clamp_min(1e-6)
+            else:
+                cw = c @ cov.float()
+                scale = (cw * y).sum(-1, keepdim=True) / (cw * c).sum(-1, keepdim=True).clamp_min(1e-30)
+            out[:, h] = (c * scale) @ rot
+        v = round_trip(value_codec, v, None)
+        return torch.cat([head_k, out + mu]), torch.cat([head_v, v])
+
+    transform.wants_queries = True
+    return transform
 
 
 def split_round_trip(x: torch.Tensor, mu: Optional[torch.Tensor], by_energy: bool, dim: int) -> torch.Tensor:

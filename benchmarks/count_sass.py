@@ -77,17 +77,20 @@ def compile_case(bits: int, lookup: int, block_n: int, stages: int, rotated_quer
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
 
 
-def compile_write_case(bits: int, dim: int, norm_mode: int, rotated: bool, exact_tail: bool = False):
-    """The fused quantize-on-write kernel (``write_kernel``) for sm_90."""
+def compile_write_case(bits: int, dim: int, norm_mode: int, rotated: bool, exact_tail: bool = False,
+                       search: int = 1):
+    """The fused quantize-on-write kernel (``write_kernel``) for sm_90; ``search``: the
+    codec's ``scale_search``."""
     from kernelplane_quant_turboquant import write_kernel
 
     fn = write_kernel.quantize_write_kernel
     pointers = dict(x_ptr="*bf16", offset_ptr="*fp32", rot_ptr="*fp32", thresholds_ptr="*fp32", code_of_cell_ptr="*i64",
-                    table_ptr="*fp32", slot_ptr="*i64", codes_ptr="*u8", norms_ptr="*fp16", tail_ptr="*bf16",
+                    table_ptr="*fp32", scales_ptr="*fp32", slot_ptr="*i64", codes_ptr="*u8", norms_ptr="*fp16", tail_ptr="*bf16",
                     tail_index_ptr="*i64")
     strides = {name: "i32" for name in fn.arg_names if name.startswith("stride")}
     constants = dict(PAGE=PAGE, DIM=dim, BITS=bits, FIELDS=num_fields(bits), MAIN_BITS=main_bits(bits), KCHUNK=16,
-                     HAS_OFFSET=not rotated, NORM_MODE=norm_mode, ROTATED=rotated, HAS_TAIL=exact_tail)
+                     HAS_OFFSET=not rotated, NORM_MODE=norm_mode, ROTATED=rotated, HAS_TAIL=exact_tail,
+                     SEARCH=search, SEARCH_BLOCK=triton.next_power_of_2(search))
     if rotated:
         pointers["x_ptr"] = "*fp32"
     signature = {**pointers, **strides, **{name: "constexpr" for name in constants}}
@@ -148,11 +151,13 @@ def check() -> int:
         compile_case(bits, lookup, block_n, stages, tail=tail)
         what = {1: "the codes around the exact tail", 2: "the exact tail alone", 3: "codes and exact tail"}[tail]
         print(f"decode kernel, {bits} bits, lookup {lookup}, {what}: compiled", flush=True)
-    for bits, dim, norm_mode, rotated in ((2, 64, 0, False), (3, 128, 2, False), (4, 256, 1, False), (3, 128, 2, True)):
-        compile_write_case(bits, dim, norm_mode, rotated)
-        print(f"write kernel, {bits} bits, dim {dim}{', rows rotated before' if rotated else ''}: compiled", flush=True)
-    for bits, dim, norm_mode, rotated in ((2, 64, 0, False), (3, 128, 2, True)):
-        compile_write_case(bits, dim, norm_mode, rotated, exact_tail=True)
+    for bits, dim, norm_mode, rotated, search in ((2, 64, 0, False, 1), (3, 128, 2, False, 16), (4, 256, 1, False, 1),
+                                                  (3, 128, 2, True, 16), (4, 64, 2, False, 12)):
+        compile_write_case(bits, dim, norm_mode, rotated, search=search)
+        print(f"write kernel, {bits} bits, dim {dim}{', rows rotated before' if rotated else ''}, "
+              f"{search} scale(s): compiled", flush=True)
+    for bits, dim, norm_mode, rotated, search in ((2, 64, 0, False, 1), (3, 128, 2, True, 16)):
+        compile_write_case(bits, dim, norm_mode, rotated, exact_tail=True, search=search)
         print(f"write kernel, {bits} bits, dim {dim}, with the exact tail: compiled", flush=True)
     compile_combine_case()
     print("split combine: compiled", flush=True)

@@ -7,7 +7,8 @@ most of what a TurboQuant decode step adds over a bfloat16 one. Here one
 program takes one (token, KV head): it loads the row, subtracts the offset,
 rotates it (a ``dim x dim`` product in column chunks, the matrix stays in
 L2), finds each coordinate's cell by counting the thresholds below it,
-rescales the norm as the codec's ``norm_mode`` asks, packs the codes in the
+or, with the codec's ``scale_search``, the cells of every scaled copy at once and keeps
+the best copy's codes, rescales the norm as the codec's ``norm_mode`` asks, packs the codes in the
 layout of ``packing`` and stores codes and norm at the row's slot.
 
 Same arithmetic as the codec, in float32; a coordinate that lies within
@@ -27,18 +28,20 @@ _FP16_MAX = tl.constexpr(65504.0)
 
 @triton.jit
 def quantize_write_kernel(
-    x_ptr, offset_ptr, rot_ptr, thresholds_ptr, code_of_cell_ptr, table_ptr, slot_ptr, codes_ptr, norms_ptr,
-    tail_ptr, tail_index_ptr,
+    x_ptr, offset_ptr, rot_ptr, thresholds_ptr, code_of_cell_ptr, table_ptr, scales_ptr, slot_ptr, codes_ptr,
+    norms_ptr, tail_ptr, tail_index_ptr,
     stride_xt, stride_xh, stride_rj, stride_rk,
     stride_cb, stride_ct, stride_ch, stride_nb, stride_nt, stride_nh, stride_te, stride_th,
     PAGE: tl.constexpr, DIM: tl.constexpr, BITS: tl.constexpr, FIELDS: tl.constexpr, MAIN_BITS: tl.constexpr,
     KCHUNK: tl.constexpr, HAS_OFFSET: tl.constexpr, NORM_MODE: tl.constexpr, ROTATED: tl.constexpr,
-    HAS_TAIL: tl.constexpr,
+    HAS_TAIL: tl.constexpr, SEARCH: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
 ):
     """Grid: (tokens, KV heads). ``rot_ptr``: the codec's float32 rotation
     ``R`` (rotated ``y = R x``); ``codes_ptr``/``norms_ptr``: the page tensors
     with strides (block, slot in block, head). ``ROTATED``: the rows are
     already ``R (x - offset)`` in float32 (large writes, see ``launch``).
+    ``SEARCH``: the codec's ``scale_search`` (its ``search_scales`` at ``scales_ptr``),
+    ``SEARCH_BLOCK`` the power of two holding them.
     ``HAS_TAIL``: also store ``R (x - offset)`` unquantized at entry
     ``tail_index[token]`` of the exact tail (``tail_ptr`` its rows flattened:
     ``[slots * entries, heads, dim]``)."""
@@ -76,10 +79,28 @@ def quantize_write_kernel(
     y = y * (tl.sqrt(DIM * 1.0) / tl.maximum(norm, 1e-30))
 
     # Cell = number of thresholds below y (torch.bucketize); code = code_of_cell[cell].
-    cell = tl.zeros([FIELDS, FW], dtype=tl.int32)
-    for t in tl.static_range(0, (1 << BITS) - 1):
-        cell += (y > tl.load(thresholds_ptr + t)).to(tl.int32)
-    code = tl.load(code_of_cell_ptr + cell)
+    if SEARCH == 1:
+        cell = tl.zeros([FIELDS, FW], dtype=tl.int32)
+        for t in tl.static_range(0, (1 << BITS) - 1):
+            cell += (y > tl.load(thresholds_ptr + t)).to(tl.int32)
+        code = tl.load(code_of_cell_ptr + cell)
+    else:
+        # Every scaled copy of y at once ([SEARCH_BLOCK, FIELDS, FW]): one reduction for all,
+        # not one per scale (a decode step writes few rows: latency, not work, is its cost).
+        offs_s = tl.arange(0, SEARCH_BLOCK)
+        scale = tl.load(scales_ptr + offs_s, mask=offs_s < SEARCH, other=1.0)
+        scaled = y[None, :, :] * scale[:, None, None]
+        cells = tl.zeros([SEARCH_BLOCK, FIELDS, FW], dtype=tl.int32)
+        for t in tl.static_range(0, (1 << BITS) - 1):
+            cells += (scaled > tl.load(thresholds_ptr + t)).to(tl.int32)
+        codes_s = tl.load(code_of_cell_ptr + cells)
+        c_s = tl.load(table_ptr + codes_s)
+        along_s = tl.maximum(tl.sum(tl.sum(c_s * y[None, :, :], axis=2), axis=1), 0.0)
+        square_s = tl.sum(tl.sum(c_s * c_s, axis=2), axis=1)
+        score = along_s * along_s / tl.maximum(square_s, 1e-30)  # d cos^2 (codec._search)
+        score = tl.where(offs_s < SEARCH, score, -float("inf"))
+        best = tl.argmax(score, axis=0)  # the first of equals, as the codec keeps
+        code = tl.sum(tl.where(offs_s[:, None, None] == best, codes_s, 0), axis=0)
 
     if NORM_MODE != 0:
         c = tl.load(table_ptr + code) * (1.0 / tl.sqrt(DIM * 1.0))  # decoded unit-vector coordinates
@@ -119,6 +140,7 @@ def launch(codec, x, offset, codes, norms, slots, block_size: int, tail=None, ta
     ``tail [slots, entries, heads, dim]`` and ``tail_index [tokens]``: the
     exact tail's plane and where each row goes in it (``ExactTail.write_index``)."""
     table, thresholds, code_of_cell, rot = codec._on(x.device)
+    scales = codec.search_scales_on(x.device)
     tokens, heads, dim = x.shape
     rotated = tokens * heads * dim * dim > PREROTATE_MIN_WORK
     if rotated:
@@ -129,13 +151,14 @@ def launch(codec, x, offset, codes, norms, slots, block_size: int, tail=None, ta
         x = x.contiguous()
     tail_rows = tail.flatten(0, 1) if tail is not None else norms  # never read without HAS_TAIL
     quantize_write_kernel[(tokens, heads)](
-        x, offset if offset is not None else x, rot, thresholds, code_of_cell, table, slots, codes, norms,
+        x, offset if offset is not None else x, rot, thresholds, code_of_cell, table, scales, slots, codes, norms,
         tail_rows, tail_index if tail_index is not None else slots,
         x.stride(0), x.stride(1), rot.stride(0), rot.stride(1),
         codes.stride(0), codes.stride(1), codes.stride(2), norms.stride(0), norms.stride(1), norms.stride(2),
         tail_rows.stride(0), tail_rows.stride(1),
         PAGE=block_size, DIM=dim, BITS=codec.bits, FIELDS=num_fields(codec.bits), MAIN_BITS=main_bits(codec.bits),
         KCHUNK=min(16, dim), HAS_OFFSET=offset is not None, NORM_MODE=NORM_MODE_IDS[codec.norm_mode],
-        ROTATED=rotated, HAS_TAIL=tail is not None,
+        ROTATED=rotated, HAS_TAIL=tail is not None, SEARCH=codec.scale_search,
+        SEARCH_BLOCK=triton.next_power_of_2(codec.scale_search),
         num_warps=4,
     )
