@@ -10,7 +10,8 @@ step would see.
 
 Formats: the plain float32 cache; TurboQuant 4/3/2 bits (the
 quant_turboquant plugin as shipped: centred keys, norm mode per bits; and
-``turboquantN:paper``, the paper's MSE quantizer without centring); the core's
+``turboquantN:paper``, the paper's MSE quantizer without centring;
+``turboquantN:nosearch``, the shipped format without the encoder's scale search); the core's
 round-to-nearest int8 (absmax per token and head); and round-to-nearest at
 4/3/2 bits (``rtn4`` ...: asymmetric min-max per token and head, float16
 scale and offset, implemented here as the same-bits baseline).
@@ -24,8 +25,10 @@ default), and each window is fed one token per step, as decoding would: a
 prefill reads the tail only for its sequence's last N positions.
 
 Per format: perplexity over all windows, its change against the plain
-cache, top-1 agreement of next-token predictions with the plain cache
-(teacher-forced, every position), and greedy generation from ``--prompts``
+cache, the mean KL divergence of each position's next-token distribution from
+the plain cache's (steadier than the perplexity change, which hangs on the
+few tokens whose probability happens to move), top-1 agreement of next-token
+predictions with the plain cache (teacher-forced, every position), and greedy generation from ``--prompts``
 prompts: tokens generated before the first divergence from the plain
 cache's greedy output, out of ``--gen`` tokens.
 
@@ -106,6 +109,8 @@ def make_quantizer(fmt: str, config, norm_mode: str):
 
         if variant == "paper":
             return TurboQuantKVQuantizer(request, norm_mode="mse", center_keys=False)
+        if variant == "nosearch":
+            return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None, scale_search=1)
         return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None)
     if fmt == "int8":
         return RoundToNearestKVQuantizer(request)
@@ -155,8 +160,8 @@ class Runner:
 def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, exact_tail=0):
     max_tokens = max(max(len(w) for w in windows), max(len(p) for p in prompts) + gen_tokens)
     runner = Runner(lm, fmt, norm_mode, max_tokens, exact_tail)
-    nll, count, preds = 0.0, 0, []
-    for w in windows:
+    nll, count, preds, logps, divergence = 0.0, 0, [], [], 0.0
+    for index, w in enumerate(windows):
         if runner.exact_tail:  # one token per step: every position reads the tail as a decode step does
             logits = torch.cat([runner.step([t], i) for i, t in enumerate(w)])
         else:
@@ -166,6 +171,11 @@ def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, e
         nll -= logp.gather(1, target[:, None]).sum().item()
         count += len(w) - 1
         preds.append(logits[:-1].argmax(-1))
+        if reference is None:
+            logps.append(logp.float())
+        else:
+            ref = reference["logps"][index].double()
+            divergence += (ref.exp() * (ref - logp)).sum().item()
     generations = []
     for p in prompts:
         out = []
@@ -177,7 +187,9 @@ def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, e
                 logits = runner.step([token], len(p) + i)
         generations.append(out)
     q = runner.quantizer
-    mode = q.key_codec.norm_mode + (", centred keys" if q.center_keys else "") if hasattr(q, "key_codec") else ""
+    mode = (q.key_codec.norm_mode + (", centred keys" if q.center_keys else "")
+            + (f", {q.key_codec.scale_search} scales searched" if q.key_codec.scale_search > 1 else "")
+            if hasattr(q, "key_codec") else "")
     if runner.exact_tail:
         mode += f"{', ' if mode else ''}first + latest {runner.exact_tail} exact"
     result = dict(format=fmt, norm_mode=mode, ppl=math.exp(nll / count), tokens=count)
@@ -187,12 +199,13 @@ def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, e
     if reference is not None:
         same = sum(int((a == b).sum()) for a, b in zip(preds, reference["preds"]))
         result["top1_agreement"] = same / count
+        result["kl"] = divergence / count
         prefix = []
         for g, r in zip(generations, reference["generations"]):
             k = next((i for i, (a, b) in enumerate(zip(g, r)) if a != b), len(r))
             prefix.append(k)
         result["greedy_prefix"] = prefix
-    return result, dict(preds=preds, generations=generations)
+    return result, dict(preds=preds, generations=generations, logps=logps)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -239,21 +252,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             r, _ = evaluate(lm, fmt, mode, windows, prompts, args.gen, reference=ref, exact_tail=args.exact_tail)
             r["delta_ppl"] = r["ppl"] / base["ppl"] - 1
             results.append(r)
-            log(f"{fmt} {mode}: ppl {r['ppl']:.4f} ({100 * r['delta_ppl']:+.2f} %), top-1 agreement "
+            log(f"{fmt} {mode}: ppl {r['ppl']:.4f} ({100 * r['delta_ppl']:+.2f} %), KL {1000 * r['kl']:.3f} millinats "
+                f"per token, top-1 agreement "
                 f"{100 * r['top1_agreement']:.2f} %, greedy prefix {r['greedy_prefix']} of {args.gen} ({time.time() - t:.0f}s)")
 
     lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 weights, float32 compute, CPU); text: pydoc_data.topics of CPython "
              f"{sys.version.split()[0]}, {args.windows} windows x {args.window} tokens; greedy: {args.prompts} prompts "
              f"x {args.gen} tokens.", "",
-             "| KV cache | TurboQuant settings | bytes/token/layer | perplexity | Δ ppl | top-1 agreement | greedy tokens before divergence |",
-             "|---|---|---|---|---|---|---|"]
+             "| KV cache | TurboQuant settings | bytes/token/layer | perplexity | Δ ppl | KL, millinats/token | "
+             "top-1 agreement | greedy tokens before divergence |",
+             "|---|---|---|---|---|---|---|---|"]
     plain_bytes = 2 * lm.config.num_kv_heads * lm.config.head_dim * 4  # the float32 cache used here
     for r in results:
         delta = f"{100 * r['delta_ppl']:+.2f} %" if "delta_ppl" in r else "-"
         agree = f"{100 * r['top1_agreement']:.2f} %" if "top1_agreement" in r else "-"
+        kl = f"{1000 * r['kl']:.3f}" if "kl" in r else "-"
         prefix = "/".join(map(str, r["greedy_prefix"])) if "greedy_prefix" in r else "-"
         size = r.get("bytes_per_token_layer", plain_bytes)
-        lines.append(f"| {r['format']} | {r['norm_mode']} | {size} | {r['ppl']:.4f} | {delta} | {agree} | {prefix} |")
+        lines.append(f"| {r['format']} | {r['norm_mode']} | {size} | {r['ppl']:.4f} | {delta} | {kl} | {agree} | "
+                     f"{prefix} |")
     md = "\n".join(lines) + "\n"
     log(md)
     os.makedirs(args.out, exist_ok=True)
