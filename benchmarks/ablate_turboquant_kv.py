@@ -51,6 +51,12 @@ Variants printed (perplexity, change against the float32 cache):
   tokens), or under one rotation with the scale search's grid shifted by (t % R) / R
   of a step, against one draw for all tokens (``--seeds S`` such comparisons):
   whether decorrelating the errors of similar tokens pays;
+- with ``--query-weighted`` (the first and latest 64 tokens exact): keys coded for the
+  least expected score error under a query covariance (per layer and KV head): their
+  codes chosen coordinate by coordinate with each rounding error carried into the
+  coordinates still to code (greedy least ``e^T C e``), or the codec's own, and the norm
+  unbiased or least squares under ``C``; ``C`` from the window's own queries (an oracle),
+  from the engine's start-up text or from 2048 tokens after the windows;
 - with ``--principal N`` (the first and latest N tokens exact): keys split in
   the basis of their principal directions (from held-out text of the same
   corpus), the 16 strongest directions at more bits than the other 48, each
@@ -129,6 +135,16 @@ class WindowAttention:
         return out.transpose(0, 1)
 
 
+def _for_layer(transform, index: int):
+    """``transform`` with the layer's index as its last argument (queries kept if it wants them)."""
+    if getattr(transform, "wants_queries", False):
+        def with_queries(k, v, q):
+            return transform(k, v, q, index)
+        with_queries.wants_queries = True
+        return with_queries
+    return lambda k, v: transform(k, v, index)
+
+
 @torch.inference_mode()
 def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
                layers: Optional[set[int]] = None, recent: int = 0, per_layer: bool = False,
@@ -153,7 +169,7 @@ def perplexity(lm, windows: list[list[int]], transform: Optional[Transform],
             wanted = layers is None or index in layers
             t = transform if wanted else None
             if per_layer and t is not None:  # the transform also takes the layer's index
-                t = (lambda f, i: lambda k, v: f(k, v, i))(transform, index)
+                t = _for_layer(transform, index)
             layer.self_attn.backend = WindowAttention(group, t, recent)
         meta = AttentionMetadata.build([n], [n], [list(range(blocks))], 16)
         logits = model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
@@ -204,7 +220,7 @@ def main() -> int:
     ap.add_argument("--rotations", type=int, metavar="R", default=0,
                     help="tokens spread over R rotation draws (or R scale grids) against one (latest 64 exact)")
     ap.add_argument("--query-weighted", action="store_true",
-                    help="keys coded for least score error under the window's own queries (latest 64 exact)")
+                    help="keys coded for least score error under a query covariance (latest 64 exact)")
     ap.add_argument("--principal", type=int, metavar="N", default=0,
                     help="instead: with the first and latest N tokens exact, keys split by principal directions "
                          "(the 16 strongest at more bits) against uniform keys at the same or more bytes")
@@ -396,13 +412,26 @@ def main() -> int:
                        interleaved(bits, grids), recent=64)
         return 0
     if args.query_weighted:
+        from kernelplane.engine.engine import KV_PRIMING_TEXT
+
+        sources = {"the start-up text's": query_covariances(lm, lm.tokenizer.encode(KV_PRIMING_TEXT)),
+                   "2048 later tokens'": query_covariances(lm, ids[args.windows * args.window:
+                                                                 args.windows * args.window + 2048])}
         for bits in (3, 4):
             kc, vc = drawn_codecs(bits, 0)
-            report(f"K+V {bits} bits, draw 0; first and latest 64 exact",
-                   variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=64)
+            name = f"K+V {bits} bits, draw 0"
+            report(f"{name}; first and latest 64 exact", variant(kbits=bits, vbits=bits, sink=1, key_codec=kc,
+                                                                 value_codec=vc), recent=64)
             for norm in ("unbiased", "weighted"):
-                report(f"K+V {bits} bits, draw 0, keys coded under the window's query covariance, {norm} norm",
+                report(f"{name}, keys coded under the window's query covariance, {norm} norm",
                        query_weighted(kc, vc, norm), recent=64)
+            report(f"{name}, keys as coded, norm weighted by the window's query covariance",
+                   query_weighted(kc, vc, "weighted", codes="codec"), recent=64)
+            for source, covs in sources.items():
+                report(f"{name}, keys as coded, norm weighted by {source} query covariance",
+                       query_weighted(kc, vc, "weighted", codes="codec", covariances=covs), recent=64, per_layer=True)
+                report(f"{name}, keys coded and norm weighted by {source} query covariance",
+                       query_weighted(kc, vc, "weighted", covariances=covs), recent=64, per_layer=True)
         return 0
     if args.debias:
         n = args.debias
@@ -476,24 +505,38 @@ def query_weighted_codes(codec: TurboQuantCodec, y: torch.Tensor, h: torch.Tenso
     return out
 
 
-def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, norm: str):
-    """A transform (keys centred, the first token exact) whose keys are coded under the
-    window's own query covariance per KV head (an oracle: a cache would measure it on
-    other text), the norm stored ``unbiased`` or least-squares under that covariance."""
+def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, norm: str, codes: str = "gptq",
+                   covariances: Optional[list[torch.Tensor]] = None):
+    """A transform (keys centred, the first token exact) whose keys are coded with a query
+    covariance per KV head: the window's own (an oracle), or ``covariances`` (per layer,
+    ``[kv_heads, d, d]``, measured on other text; the transform then takes the layer's
+    index). ``codes``: ``gptq`` (``query_weighted_codes``) or ``codec`` (the codec's own);
+    ``norm``: ``unbiased`` or ``weighted`` (least squares under the covariance: least
+    expected score error for those codes)."""
     rot = key_codec.rotation.matrix("cpu")
     d = key_codec.dim
 
-    def transform(k, v, q):
+    def transform(k, v, q, layer=None):
         head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
         mu = k.mean(0)
         x = k - mu
         out = torch.empty_like(x)
         for h in range(x.shape[1]):
-            qh = q[:, h].reshape(-1, d) @ rot.T  # the group's queries, rotated
-            cov = (qh.T @ qh / qh.shape[0]).double()
+            if covariances is None:
+                qh = q[:, h].reshape(-1, d)
+                cov = qh.T @ qh / qh.shape[0]
+            else:
+                cov = covariances[layer][h]
+            cov = (rot @ cov @ rot.T).double()  # in the rotated basis
             y = x[:, h] @ rot.T
             length = y.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-            c = query_weighted_codes(key_codec, (y / length * math.sqrt(d)).double(), cov).float() / math.sqrt(d)
+            scaled = y / length * math.sqrt(d)
+            if codes == "gptq":
+                c = query_weighted_codes(key_codec, scaled.double(), cov).float()
+            else:
+                c = key_codec.table[key_codec._search(scaled) if key_codec.scale_search > 1 else
+                                    key_codec.code_of_cell[torch.bucketize(scaled, key_codec.thresholds)]]
+            c = c / math.sqrt(d)
             if norm == "unbiased":
                 scale = length.pow(2) / (c * y).sum(-1, keepdim=True).clamp_min(1e-6)
             else:
@@ -505,6 +548,18 @@ def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, nor
 
     transform.wants_queries = True
     return transform
+
+
+def query_covariances(lm, ids: list[int]) -> list[torch.Tensor]:
+    """Per layer, the queries' covariance (second moment) per KV head over its query group,
+    ``[kv_heads, d, d]``, from one exact prefill of ``ids`` (its first token left out)."""
+    c = lm.config
+    group = c.num_heads // c.num_kv_heads
+    out = []
+    for store in record_prefill(lm, ids):
+        q = store["q"][1:].unflatten(1, (c.num_kv_heads, group)).transpose(0, 1).flatten(1, 2)  # [kv, n*g, d]
+        out.append(q.transpose(1, 2) @ q / q.shape[1])
+    return out
 
 
 def split_round_trip(x: torch.Tensor, mu: Optional[torch.Tensor], by_energy: bool, dim: int) -> torch.Tensor:
