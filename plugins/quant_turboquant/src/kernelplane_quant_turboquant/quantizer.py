@@ -13,8 +13,8 @@ of codes and one contiguous run of norms.
 
 Quantization is on write; ``dequantize`` is the reference path.
 
-Two choices beyond the paper's MSE quantizer, both measured on SmolLM2-135M
-(see BENCHMARKS.md) and both free at attention time:
+Three choices beyond the paper's MSE quantizer, all measured on SmolLM2-135M
+(see BENCHMARKS.md) and all free at attention time:
 
 - key centering: keys are stored as ``k - mu``, ``mu`` the mean key (per KV
   head) of the first real write into the layer's pages (the engine primes

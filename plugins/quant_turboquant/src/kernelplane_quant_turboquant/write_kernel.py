@@ -6,10 +6,11 @@ code mapping, norm rescaling, packing, and the scatters. On a GPU that is
 most of what a TurboQuant decode step adds over a bfloat16 one. Here one
 program takes one (token, KV head): it loads the row, subtracts the offset,
 rotates it (a ``dim x dim`` product in column chunks, the matrix stays in
-L2), finds each coordinate's cell by counting the thresholds below it,
-or, with the codec's ``scale_search``, the cells of every scaled copy at once and keeps
-the best copy's codes, rescales the norm as the codec's ``norm_mode`` asks, packs the codes in the
-layout of ``packing`` and stores codes and norm at the row's slot.
+L2), finds each coordinate's cell by counting the thresholds below it (with
+the codec's ``scale_search``: the cells of every scaled copy at once, keeping
+the best copy's codes), rescales the norm as the codec's ``norm_mode`` asks,
+packs the codes in the layout of ``packing`` and stores codes and norm at the
+row's slot.
 
 Same arithmetic as the codec, in float32; a coordinate that lies within
 rounding of a threshold may land in the neighbouring cell (tests bound how
