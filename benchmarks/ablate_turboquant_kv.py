@@ -534,8 +534,7 @@ def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, nor
             if codes == "gptq":
                 c = query_weighted_codes(key_codec, scaled.double(), cov).float()
             else:
-                c = key_codec.table[key_codec._search(scaled) if key_codec.scale_search > 1 else
-                                    key_codec.code_of_cell[torch.bucketize(scaled, key_codec.thresholds)]]
+                c = key_codec.table[key_codec.codes_of(scaled)]
             c = c / math.sqrt(d)
             if norm == "unbiased":
                 scale = length.pow(2) / (c * y).sum(-1, keepdim=True).clamp_min(1e-6)

@@ -73,7 +73,8 @@ class TurboQuantCodec:
         mags = torch.tensor(positive, dtype=torch.float64)
         # table[code], sign-magnitude codes (see module doc).
         self.table = torch.cat([mags, -mags]).float()
-        centroids = torch.cat([-mags.flip(0), mags])  # ascending
+        centroids = torch.cat([-mags.flip(0), mags])  # ascending: cell order
+        self.centroids = centroids.float()
         self.thresholds = ((centroids[1:] + centroids[:-1]) / 2).float()
         ascending = torch.arange(2 ** bits)
         # code of the k-th centroid in ascending order
@@ -91,12 +92,12 @@ class TurboQuantCodec:
         """``x [..., dim]`` -> (uint8 codes ``[..., packed_bytes]``, float16 norms ``[...]``)."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected vectors of dim {self.dim}, got shape {tuple(x.shape)}")
-        table, thresholds, code_of_cell, rot = self._on(x.device)
+        table, _, _, rot = self._on(x.device)
         x = x.float()
         norm = x.norm(dim=-1)
         # One GEMM with the rotation matrix: at d <= 256 cheaper than log2(d) butterfly passes.
         y = (x @ rot.T) * (math.sqrt(self.dim) / norm.clamp_min(1e-30))[..., None]
-        codes = self._search(y) if self.scale_search > 1 else code_of_cell[torch.bucketize(y, thresholds)]
+        codes = self.codes_of(y)
         if self.norm_mode != "mse":
             c = table[codes] * (1.0 / math.sqrt(self.dim))
             if self.norm_mode == "length":
@@ -105,6 +106,15 @@ class TurboQuantCodec:
                 along = (c * y).sum(dim=-1) * (1.0 / math.sqrt(self.dim))  # <u, c>: cosine, > 0
                 norm = norm / along.clamp_min(1e-6)
         return pack(codes, self.bits), norm.clamp(max=_NORM_MAX).to(NORM_DTYPE)
+
+    def codes_of(self, y: torch.Tensor) -> torch.Tensor:
+        """The codes (one per coordinate, not packed) of rotated unit vectors scaled by
+        ``sqrt(dim)``: each coordinate's nearest cell, or with ``scale_search`` the cells of
+        the best scaled copy."""
+        if self.scale_search > 1:
+            return self._search(y)
+        _, thresholds, code_of_cell, _ = self._on(y.device)
+        return code_of_cell[torch.bucketize(y, thresholds)]
 
     def search_scales(self) -> list[float]:
         """The input scales tried per vector: ``exp(SEARCH_STEP * k)`` for ``scale_search``
@@ -123,9 +133,12 @@ class TurboQuantCodec:
 
     def search_scales_on(self, device: torch.device) -> torch.Tensor:
         """``search_scales`` as a float32 tensor on ``device`` (kernels read it)."""
-        key = ("scales", str(device))
+        return self._cached("scales", device, lambda: torch.tensor(self.search_scales(), dtype=torch.float32))
+
+    def _cached(self, name: str, device: torch.device, make) -> torch.Tensor:
+        key = (name, str(device))
         if key not in self._device_cache:
-            self._device_cache[key] = torch.tensor(self.search_scales(), dtype=torch.float32, device=device)
+            self._device_cache[key] = make().to(device)
         return self._device_cache[key]
 
     def _search(self, y: torch.Tensor) -> torch.Tensor:
@@ -133,22 +146,23 @@ class TurboQuantCodec:
         to ``y`` in direction (the first such scale). All scales at once, over chunks of rows:
         a few tensor operations in all instead of a few per scale (a decode step's few rows
         cost calls, not arithmetic)."""
-        table, thresholds, code_of_cell, _ = self._on(y.device)
+        _, thresholds, code_of_cell, _ = self._on(y.device)
         scales = self.search_scales_on(y.device)
+        centroids = self._cached("centroids", y.device, lambda: self.centroids)
         rows = y.reshape(-1, self.dim)
         chunk = max(1, SEARCH_CHUNK_ELEMENTS // (len(scales) * self.dim))
-        best = torch.cat([self._best_scales(part, scales, table[code_of_cell], thresholds)
-                          for part in rows.split(chunk)])
-        return code_of_cell[torch.bucketize(rows * scales[best][:, None], thresholds)].view(y.shape)
+        cells = torch.cat([self._best_cells(part, scales, centroids, thresholds) for part in rows.split(chunk)])
+        return code_of_cell[cells].view(y.shape)
 
     @staticmethod
-    def _best_scales(y: torch.Tensor, scales: torch.Tensor, centroids: torch.Tensor,
-                     thresholds: torch.Tensor) -> torch.Tensor:
-        """Index into ``scales`` of the best copy of each row of ``y`` (``[n, d]``);
-        ``centroids`` in cell (ascending) order."""
-        decoded = centroids[torch.bucketize(y * scales[:, None, None], thresholds)]  # [scales, n, d]
+    def _best_cells(y: torch.Tensor, scales: torch.Tensor, centroids: torch.Tensor,
+                    thresholds: torch.Tensor) -> torch.Tensor:
+        """The cells of the best scaled copy of each row of ``y`` (``[n, d]``)."""
+        cells = torch.bucketize(y * scales[:, None, None], thresholds)  # [scales, n, d]
+        decoded = centroids[cells]
         along = (decoded * y).sum(dim=-1).clamp_min(0)
-        return (along * along / (decoded * decoded).sum(dim=-1).clamp_min(1e-30)).argmax(dim=0)  # d cos^2
+        best = (along * along / (decoded * decoded).sum(dim=-1).clamp_min(1e-30)).argmax(dim=0)  # d cos^2
+        return cells.gather(0, best[None, :, None].expand(1, *cells.shape[1:]))[0]
 
     def decode_rotated(self, packed: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """Decoded vectors in the rotated basis (float32), i.e. ``R x_hat``."""
