@@ -1,4 +1,4 @@
-"""The Gluon 2-bit decode kernel (``gluon_decode``) against the Triton kernel, on the GPU.
+"""The Gluon decode kernel (``gluon_decode``, 2 and 3 bits) against the Triton kernel, on the GPU.
 
 ``gluon_decode`` decodes code words straight into tensor-core operands (its
 docstring has the design). The backend plans it for 2-bit decode batches
@@ -17,7 +17,7 @@ Without a GPU, ``--count`` compiles the kernel for sm_90 and counts its main
 loop's instructions per K/V element (as ``count_sass.py`` does for the
 Triton kernel).
 
-    python benchmarks/bench_turboquant_gluon.py [--count]
+    python benchmarks/bench_turboquant_gluon.py [--count] [--bits 3] [--registers 200,232]
 """
 from __future__ import annotations
 
@@ -47,25 +47,29 @@ def count() -> int:
 
     from kernelplane_quant_turboquant import gluon_decode
 
-    print(f"triton {triton.__version__}, target sm_90, one warp, {gluon_decode.MAX_REGISTERS} registers, "
+    print(f"triton {triton.__version__}, target sm_90, one warp, {gluon_decode.MAX_REGISTERS} registers by bits, "
           f"{gluon_decode.BLOCK_N} keys per step, {gluon_decode.UNROLL} unmasked steps per loop iteration; a step "
           "without the rescale skips its branch (the running maximum stays); counts per step")
-    print("| head dim | loop instructions | per K/V element | without the rescale | per K/V element | most frequent |\n"
-          "|---|---|---|---|---|---|")
-    for dim in (128, 64):
-        ops = count_sass.innermost_load_loop(count_sass.compile_gluon_case(dim=dim).asm["cubin"])
+    print("| bits | head dim | loop instructions | per K/V element | without the rescale | per K/V element | "
+          "most frequent |\n|---|---|---|---|---|---|---|")
+    for bits, dim in ((2, 128), (2, 64), (3, 128), (3, 64)):
+        kernel = count_sass.compile_gluon_case(dim=dim, bits=bits)
+        spills = count_sass.local_memory_accesses(kernel.asm["cubin"])
+        if spills:
+            print(f"({bits} bits, head dim {dim}: {spills} local-memory accesses, registers spilled)")
+        ops = count_sass.innermost_load_loop(kernel.asm["cubin"])
         steady = count_sass.without_branches(ops)
         steps = gluon_decode.UNROLL
         ops, steady = ops[:len(ops) // steps * steps], steady[:len(steady) // steps * steps]  # whole steps' share
         per_thread = steps * gluon_decode.BLOCK_N * dim * 2 / 32
         top = ", ".join(f"{op} {n}" for op, n in collections.Counter(steady).most_common(6))
-        print(f"| {dim} | {len(ops) / steps:.0f} | {len(ops) / per_thread:.2f} | {len(steady) / steps:.0f} | "
+        print(f"| {bits} | {dim} | {len(ops) / steps:.0f} | {len(ops) / per_thread:.2f} | {len(steady) / steps:.0f} | "
               f"{len(steady) / per_thread:.2f} | {top} |")
     return 0
 
 
-def gluon_setup(bt):
-    """(the 2-bit quantizer, the TurboQuant backend, its request) of ``bench_turboquant``'s
+def gluon_setup(bt, bits: int):
+    """(the ``bits``-bit quantizer, the TurboQuant backend, its request) of ``bench_turboquant``'s
     shape, the GPU and versions printed; None, the reason printed, where the Gluon kernel
     cannot run."""
     import triton
@@ -74,7 +78,7 @@ def gluon_setup(bt):
         print("needs an NVIDIA GPU")
         return None
     bt.register_plugins()
-    fmt = "turboquant2"
+    fmt = f"turboquant{bits}"
     quantizer, backend, request = bt.quantizer_for(fmt), bt.tq_backend(fmt), bt.request_for(fmt)
     if backend.gluon_unavailable:
         print(f"the Gluon kernel cannot run here: {backend.gluon_unavailable}")
@@ -107,21 +111,31 @@ def written_decode_case(bt, quantizer, request, device, gen):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", action="store_true", help="only count the sm_90 main loop's instructions")
+    ap.add_argument("--bits", type=int, default=2, choices=(2, 3), help="the codes' width (default 2)")
+    ap.add_argument("--registers", default="", metavar="N,N",
+                    help="also time the Gluon plan under these register caps per thread")
+    ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 shape with the exact tail")
     args = ap.parse_args()
     if args.count:
         return count()
     import bench_turboquant as bt
 
     device, gen = "cuda", torch.Generator().manual_seed(0)
-    setup = gluon_setup(bt)
+    bits = args.bits
+    variants = dict(VARIANTS)
+    variants.update({f"{n} regs": dict(max_registers=int(n)) for n in args.registers.split(",") if n})
+    setup = gluon_setup(bt, bits)
     if setup is None:
         return 1
     quantizer, backend, request = setup
+    copy_bw = bt.copy_bandwidth(device)["copy"]
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (the roofline); {bits}-bit codes")
     hq, hkv, dim = bt.HQ, bt.HKV, bt.D
     pages, meta, query, ref = written_decode_case(bt, quantizer, request, device, gen)
-    errors = {"Triton": bt.rel_err(backend.forward(query, pages, meta, backend.plan(meta, bits=2, gluon=False)), ref)}
-    for label, plan_kw in VARIANTS.items():
-        plan = backend.plan(meta, bits=2, gluon=True, **plan_kw)
+    errors = {"Triton": bt.rel_err(backend.forward(query, pages, meta, backend.plan(meta, bits=bits, gluon=False)),
+                                   ref)}
+    for label, plan_kw in variants.items():
+        plan = backend.plan(meta, bits=bits, gluon=True, **plan_kw)
         errors[f"Gluon {label}"] = bt.rel_err(backend.forward(query, pages, meta, plan), ref)
     print("relative error against the reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     del pages
@@ -129,42 +143,46 @@ def main() -> int:
         print("a kernel disagrees with the reference: no timing")
         return 1
 
-    heads = " | ".join(f"Gluon {label} µs" for label in VARIANTS)
-    print(f"\n| B | L | SDPA bf16 µs | Triton µs | {heads} | backend's choice (splits) | best Gluon vs SDPA | vs Triton |")
-    print("|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|---|")
+    heads = " | ".join(f"Gluon {label} µs" for label in variants)
+    print(f"\n| B | L | SDPA bf16 µs | Triton µs | {heads} | backend's choice (splits) | best Gluon vs SDPA | vs Triton "
+          "| best Gluon, % of roofline |")
+    print("|---|---|---|---|" + "---|" * len(variants) + "---|---|---|---|")
     for batch, ctx in SHAPES:
         sdpa = bt.time_sdpa(batch, ctx, device)
-        metas, blocks = bt.decode_sets(batch, ctx, quantizer.bytes_per_token(hkv, dim, dim), device, gen)
+        per_token = quantizer.bytes_per_token(hkv, dim, dim)
+        metas, blocks = bt.decode_sets(batch, ctx, per_token, device, gen)
         pages = bt.random_tq_pool(quantizer, blocks, device, gen)
         q = torch.randn(batch, hq, dim, device=device, dtype=torch.bfloat16)
 
         def timed(**plan_kw):
-            plans = [backend.plan(m, bits=2, **plan_kw) for m in metas]
+            plans = [backend.plan(m, bits=bits, **plan_kw) for m in metas]
             return bt.time_graph([lambda m=m, p=p: backend.forward(q, pages, m, plan=p) for m, p in zip(metas, plans)])
 
         triton_t = timed(gluon=False)
-        ours = [timed(gluon=True, **plan_kw) for plan_kw in VARIANTS.values()]
-        plan = backend.plan(metas[0], bits=2)
+        ours = [timed(gluon=True, **plan_kw) for plan_kw in variants.values()]
+        plan = backend.plan(metas[0], bits=bits)
         choice = f"{'Gluon' if plan.gluon else 'Triton'} ({plan.splits})"
         best = min(ours)
         print(f"| {batch} | {ctx} | {sdpa * 1e6:.1f} | {triton_t * 1e6:.1f} | "
               + " | ".join(f"{t * 1e6:.1f}" for t in ours)
-              + f" | {choice} | {sdpa / best:.2f}x | {triton_t / best:.2f}x |", flush=True)
+              + f" | {choice} | {sdpa / best:.2f}x | {triton_t / best:.2f}x "
+              f"| {batch * ctx * per_token / best / copy_bw:.0%} |", flush=True)
         del pages
         torch.cuda.empty_cache()
-    smollm2_with_tail(bt, gen)
+    if not args.no_smollm2:
+        smollm2_with_tail(bt, gen, bits)
     return 0
 
 
-def smollm2_with_tail(bt, gen) -> None:
+def smollm2_with_tail(bt, gen, bits: int) -> None:
     """SmolLM2-135M's attention shape with the exact tail, as the engine runs it."""
     from kernelplane import AttentionMetadata, AttentionRequest, KVQuantRequest, select
     from kernelplane.exact_tail import ExactTail
 
     hq, hkv, dim, tail = 9, 3, 64, 64
     request = AttentionRequest(num_heads=hq, num_kv_heads=hkv, head_dim=dim, dtype="bfloat16",
-                               kv_cache_format="turboquant2", block_size=16)
-    quantizer = select("kv_quantizer", KVQuantRequest(format="turboquant2", num_kv_heads=hkv, head_dim=dim,
+                               kv_cache_format=f"turboquant{bits}", block_size=16)
+    quantizer = select("kv_quantizer", KVQuantRequest(format=f"turboquant{bits}", num_kv_heads=hkv, head_dim=dim,
                                                       dtype="bfloat16")).implementation
     backend = select("attention", request, override="turboquant").implementation
     print(f"\nSmolLM2 shape (Hq {hq} / Hkv {hkv}, head dim {dim}), exact tail {tail}, µs")
@@ -183,9 +201,9 @@ def smollm2_with_tail(bt, gen) -> None:
         q = torch.randn(batch, hq, dim, device="cuda", dtype=torch.bfloat16)
         times = []
         for plan_kw in (dict(gluon=False), dict(gluon=False, separate_tail=True), dict(gluon=True)):
-            plan = backend.plan(meta, bits=2, **plan_kw)
+            plan = backend.plan(meta, bits=bits, **plan_kw)
             times.append(bt.time_graph([lambda p=plan: backend.forward(q, pages, meta, plan=p)]))
-        choice = "Gluon" if backend.plan(meta, bits=2).gluon else "Triton"
+        choice = "Gluon" if backend.plan(meta, bits=bits).gluon else "Triton"
         print(f"| {batch} | {ctx} | " + " | ".join(f"{t * 1e6:.1f}" for t in times) + f" | {choice} |", flush=True)
         del pages
         torch.cuda.empty_cache()

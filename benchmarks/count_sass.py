@@ -109,21 +109,21 @@ def compile_combine_case():
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
-def compile_gluon_case(has_tail: bool = False, dim: int = D, **constexprs):
-    """The Gluon 2-bit decode kernel (``gluon_decode``) for sm_90, one warp; ``constexprs``
-    override the kernel's defaults (``RESCALE_SLACK=4.0``, say)."""
+def compile_gluon_case(has_tail: bool = False, dim: int = D, bits: int = 2, max_registers: int = 0, **constexprs):
+    """The Gluon decode kernel (``gluon_decode``) for ``bits``-bit codes on sm_90, one warp;
+    ``constexprs`` override the kernel's defaults (``RESCALE_SLACK=4.0``, say)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from kernelplane_quant_turboquant import gluon_decode
 
-    fn = gluon_decode.tq2_decode_gluon
-    row = dim * 2 // 8
+    fn = gluon_decode.turboquant_decode_gluon
+    row = dim * bits // 8
     constants = dict(stride_kcb=HKV * PAGE * row // 4, stride_kct=row // 4, stride_kch=PAGE * row // 4,
                      stride_knb=HKV * PAGE // 2, stride_knt=1, stride_knh=PAGE // 2, stride_vcb=HKV * PAGE * row // 4,
                      stride_vct=row // 4, stride_vch=PAGE * row // 4, stride_vnb=HKV * PAGE // 2, stride_vnt=1,
                      stride_vnh=PAGE // 2, GROUP=GROUP, BLOCK_N=gluon_decode.BLOCK_N, PAGE=PAGE,
                      HEAD_DIM=dim, HAS_TAIL=has_tail, RESCALE_SLACK=gluon_decode.RESCALE_SLACK,
-                     UNROLL=gluon_decode.UNROLL, **gluon_decode.KERNEL_ASM)
+                     UNROLL=gluon_decode.UNROLL, BITS=bits, **gluon_decode.KERNEL_ASM[bits])
     constants.update(constexprs)
     pointers = dict(q_ptr="*fp32", part_ptr="*fp32", lse_ptr="*fp32", kc_ptr="*i32", kn_ptr="*i32", vc_ptr="*i32",
                     vn_ptr="*i32", block_tables_ptr="*i32", seq_lens_ptr="*i32", query_start_loc_ptr="*i32",
@@ -135,7 +135,7 @@ def compile_gluon_case(has_tail: bool = False, dim: int = D, **constexprs):
     source = GluonASTSource(fn=fn, signature=signature, attrs=aligned,
                             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=1, maxnreg=gluon_decode.MAX_REGISTERS))
+                          options=dict(num_warps=1, maxnreg=max_registers or gluon_decode.max_registers(bits)))
 
 
 def check() -> int:
@@ -164,11 +164,16 @@ def check() -> int:
     from kernelplane_quant_turboquant import gluon_decode
 
     if gluon_decode.gluon is not None:
-        for has_tail, dim in ((False, 128), (True, 64)):
-            compile_gluon_case(has_tail, dim)
-            print(f"Gluon 2-bit decode kernel, head dim {dim}{', codes around the exact tail' if has_tail else ''}: "
-                  "compiled", flush=True)
+        for has_tail, dim, bits in ((False, 128, 2), (True, 64, 2), (False, 128, 3), (True, 64, 3)):
+            compile_gluon_case(has_tail, dim, bits)
+            print(f"Gluon {bits}-bit decode kernel, head dim {dim}"
+                  f"{', codes around the exact tail' if has_tail else ''}: compiled", flush=True)
     return 0
+
+
+def local_memory_accesses(cubin: bytes) -> int:
+    """Loads and stores of local memory (``LDL`` / ``STL``) in the kernel: spilled registers."""
+    return len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\b", _disassemble(cubin)))
 
 
 def _disassemble(cubin: bytes) -> str:

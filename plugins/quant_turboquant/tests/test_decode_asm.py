@@ -62,6 +62,8 @@ def run_ptx(asm: str, operands: dict) -> dict:
             r = v[0] >> v[1]
         elif op == "shl.b32":
             r = v[0] << v[1]
+        elif op == "shf.l.wrap.b32":  # the top 32 bits of {b, a} << (c mod 32)
+            r = ((v[1] << 32 | v[0]) << (v[2] & 31)) >> 32
         elif op == "and.b32":
             r = v[0] & v[1]
         elif op == "or.b32":
@@ -120,12 +122,14 @@ def _signed_byte(word, i):
     return byte - 256 if byte & 0x80 else byte
 
 
-def test_int8_key_centroids_are_the_table():
-    """The 2-bit table's shape 3 : 10 (``cubic``) puts its centroids on an int8 grid exactly."""
+@pytest.mark.parametrize("bits", [2, 3])
+def test_int8_key_centroids_are_the_table(bits):
+    """The tables' shapes (3 : 10, 1 : 3 : 5 : 8; ``shapes``) put their centroids on an int8 grid exactly."""
     for dim in (64, 128):
-        table = TurboQuantCodec(2, dim, seed=1).table.tolist()
-        word, step = gluon_decode.int8_centroids(table)
-        ints = [_signed_byte(word, i) for i in range(4)]
+        table = TurboQuantCodec(bits, dim, seed=1).table.tolist()
+        words, step = gluon_decode.int8_centroids(table)
+        assert len(words) == 2 ** bits // 4
+        ints = [_signed_byte(words[i // 4], i % 4) for i in range(2 ** bits)]
         assert max(abs(v) for v in ints) <= 127
         for got, want in zip(ints, table):
             assert got * step == pytest.approx(want, rel=1e-6)
@@ -136,7 +140,7 @@ def test_gluon_key_decoder_and_query_order():
     pairs each output byte with (``_load_query_operand``: byte ``2o + i // 2``, field
     ``h + 2 (i % 2)``, dimension ``f * FW + 4 w + b`` for head dim ``4 FW``)."""
     table = TurboQuantCodec(2, 128, seed=1).table.tolist()
-    word_table, _ = gluon_decode.int8_centroids(table)
+    (word_table,), _ = gluon_decode.int8_centroids(table)
     centroid = [_signed_byte(word_table, c) for c in range(4)]
     rng = random.Random(7)
     fw = 32
@@ -154,22 +158,90 @@ def test_gluon_key_decoder_and_query_order():
 
 def test_gluon_value_decoder_pairs_two_keys_for_two_bytes():
     table = TurboQuantCodec(2, 128, seed=1).table
-    unit = gluon_decode.value_unit(table)
+    unit = gluon_decode.value_unit(table, 2)
     rng = random.Random(8)
-    asm = gluon_decode.value_asm()
+    asm = gluon_decode.value_asm(2)
+    (value_table,) = gluon_decode.value_tables(2)
     for _ in range(200):
         words, j0, j1 = [rng.getrandbits(32) for _ in range(2)], rng.randrange(4), rng.randrange(4)
         regs = run_ptx(asm, {"$8": words[0], "$9": words[1], "$12": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12,
-                             "$16": gluon_decode.VALUE_HIGH_BYTES & MASK})
+                             "$16": value_table & MASK})
         for f in range(4):
             for out, byte in ((2 * f, j0), (2 * f + 1, j1)):
                 got = [_half(regs[f"${out}"] & 0xFFFF), _half(regs[f"${out}"] >> 16)]
                 for key in range(2):
                     code = (words[key] >> (8 * byte + 2 * f)) & 3
-                    assert got[key] == gluon_decode.VALUE_CENTROIDS[code]
+                    assert got[key] == gluon_decode.VALUE_CENTROIDS[2][code]
                     assert got[key] * unit == pytest.approx(float(table[code]), rel=1e-6)
 
 
 def test_the_value_decoder_refuses_a_table_off_its_shape():
     with pytest.raises(ValueError, match="shape 3 : 10"):
-        gluon_decode.value_unit(torch.tensor([0.4528, 1.5104, -0.4528, -1.5104]))
+        gluon_decode.value_unit(torch.tensor([0.4528, 1.5104, -0.4528, -1.5104]), 2)
+
+
+def _row_words(row: torch.Tensor) -> list[int]:
+    data = bytes(row.tolist())
+    return [int.from_bytes(data[4 * w:4 * w + 4], "little") for w in range(len(data) // 4)]
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_3_bit_key_decoder_and_query_order(dim):
+    """KEY_ASM_3 against the codes it stands for, at the dimensions the kernel pairs its output
+    bytes with (the 2-bit order: the low bits are packed as 2-bit codes are): the main word,
+    its extra word ``WORDS + w % (WORDS / 2)`` and the rotation ``2 - 2h - e`` the kernel
+    gives each operand row."""
+    table = TurboQuantCodec(3, dim, seed=1).table.tolist()
+    (lo, hi), _ = gluon_decode.int8_centroids(table)
+    centroid = [_signed_byte((lo, hi)[c // 4], c % 4) for c in range(8)]
+    rng = random.Random(9)
+    fw, words = dim // 4, dim // 16
+    for _ in range(20):
+        codes = [rng.randrange(8) for _ in range(dim)]
+        row = _row_words(packing.pack(torch.tensor(codes), 3))
+        for r in range(2 * fw):
+            h, w, i = r // fw, r % fw // 4, r % 4
+            e = w // (words // 2)
+            regs = run_ptx(gluon_decode.KEY_ASM_3, {"$2": row[w], "$6": row[words + w % (words // 2)],
+                                                     "$10": lo & MASK, "$14": hi & MASK, "$18": 2 * h,
+                                                     "$22": (2 - 2 * h - e) & 31})
+            for out in range(2):
+                d = (h + 2 * (i % 2)) * fw + 4 * w + 2 * out + i // 2
+                assert _signed_byte(regs[f"${out}"], i) == centroid[codes[d]], (r, out)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_3_bit_value_decoder(dim):
+    """value_asm(3) on two keys' page rows: for operand row m (main word ``m % WORDS``, byte
+    ``m // WORDS``), field f gives the value of dimension ``f * FW + 4 (m % WORDS) + m // WORDS``."""
+    table = TurboQuantCodec(3, dim, seed=1).table
+    unit = gluon_decode.value_unit(table, 3)
+    lo, hi = gluon_decode.value_tables(3)
+    rng = random.Random(10)
+    fw, words = dim // 4, dim // 16
+    asm = gluon_decode.value_asm(3)
+    for _ in range(40):
+        codes = [[rng.randrange(8) for _ in range(dim)] for _ in range(2)]
+        rows = [_row_words(packing.pack(torch.tensor(c), 3)) for c in codes]
+        m = rng.randrange(fw)
+        w, j0 = m % words, m // words
+        j1 = rng.randrange(4)  # the kernel's: the byte of operand row m + 8, the same word
+        e = w // (words // 2)
+        regs = run_ptx(asm, {"$8": rows[0][w], "$9": rows[1][w], "$12": rows[0][words + w % (words // 2)],
+                             "$13": rows[1][words + w % (words // 2)],
+                             "$16": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12, "$20": e,
+                             "$24": lo & MASK, "$28": hi & MASK})
+        for f in range(4):
+            for out, byte in ((2 * f, j0), (2 * f + 1, j1)):
+                got = [_half(regs[f"${out}"] & 0xFFFF), _half(regs[f"${out}"] >> 16)]
+                for key in range(2):
+                    code = codes[key][f * fw + 4 * w + byte]
+                    assert got[key] == gluon_decode.VALUE_CENTROIDS[3][code]
+                    assert got[key] * unit == pytest.approx(float(table[code]), rel=1e-6)
+
+
+def test_gluon_decoders_refuse_other_widths():
+    with pytest.raises(ValueError, match="2- or 3-bit"):
+        gluon_decode.value_asm(4)
+    with pytest.raises(ValueError, match="shape 1 : 3 : 5 : 8"):
+        gluon_decode.value_unit(torch.tensor([0.25, 0.76, 1.34, 2.15, -0.25, -0.76, -1.34, -2.15]), 3)

@@ -57,7 +57,7 @@ class LaunchPlan:
     # The exact tail read by a second launch instead of the last split (measured: +13 µs at batch 1,
     # against +3; at 4 bits, 128k tokens, batch 16: +5 % against +10 %; BENCHMARKS.md).
     separate_tail: bool = False
-    gluon: bool = False  # 2-bit decode by gluon_decode (its own block_n and splits; the tail by its own programs)
+    gluon: bool = False  # 2- and 3-bit decode by gluon_decode (its own block_n and splits; the tail by its own programs)
     max_registers: Optional[int] = None  # the Gluon kernel's register cap per thread (more programs resident per SM)
     combine_heads: int = 0  # query heads per program of the split combine (0: the rule of `_combine_heads`)
 
@@ -119,7 +119,7 @@ class TurboQuantAttention:
         self.gluon_unavailable = self._gluon_unavailable(nvidia)
 
     def _gluon_unavailable(self, nvidia: bool) -> Optional[str]:
-        """Why ``gluon_decode`` cannot serve this request (None: it can, for 2-bit decode batches)."""
+        """Why ``gluon_decode`` cannot serve this request (None: it can, for 2- and 3-bit decode batches)."""
         req = self.request
         if not nvidia:
             return "needs compiled Triton on an NVIDIA GPU"
@@ -144,9 +144,9 @@ class TurboQuantAttention:
              bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
              gluon: Optional[bool] = None, max_registers: Optional[int] = None, rounds: Optional[int] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
-        ``bits``: of the pages (2-bit decode batches on an NVIDIA GPU take the Gluon kernel
-        where it can run, other 2-bit tiles on a GPU the cubic decoder). ``max_registers``:
-        the Gluon kernel's cap (default ``gluon_decode.MAX_REGISTERS``).
+        ``bits``: of the pages (2- and 3-bit decode batches on an NVIDIA GPU take the Gluon
+        kernel where it can run, other 2-bit tiles on a GPU the cubic decoder). ``max_registers``:
+        the Gluon kernel's cap (default ``gluon_decode.max_registers(bits)``).
         ``programs_per_sm``: KV splits are added until about this many programs run per SM
         (default ``TARGET_PROGRAMS_PER_SM``; the Gluon kernel's splits make ``rounds`` whole
         rounds of resident programs instead, default ``gluon_decode.ROUNDS``, fewer where a split
@@ -155,7 +155,7 @@ class TurboQuantAttention:
         max_kv = meta.max_seq_len if meta.max_seq_len > 0 else int(meta.block_tables.shape[1]) * self.request.block_size
         if gluon is None:
             # The Gluon kernel wins at every decode shape measured on an H100, down to 1 x 8 heads x 4k keys.
-            gluon = bits == 2 and max_q == 1 and self.gluon_unavailable is None
+            gluon = bits in gluon_decode.KERNEL_ASM and max_q == 1 and self.gluon_unavailable is None
         if gluon:
             return self._gluon_plan(meta, max_q, max_kv, bits, splits, programs_per_sm, max_registers, rounds)
         if max_q * self.group <= DECODE_MAX_ROWS:
@@ -196,11 +196,12 @@ class TurboQuantAttention:
                     rounds: Optional[int]) -> LaunchPlan:
         if self.gluon_unavailable:
             raise ValueError(f"the Gluon decode kernel is not available here: {self.gluon_unavailable}")
-        if bits not in (None, 2) or max_q != 1:
-            raise ValueError(f"the Gluon decode kernel reads 2-bit codes for one query token per sequence, "
+        if (bits is not None and bits not in gluon_decode.KERNEL_ASM) or max_q != 1:
+            widths = " or ".join(map(str, gluon_decode.KERNEL_ASM))
+            raise ValueError(f"the Gluon decode kernel reads {widths}-bit codes for one query token per sequence, "
                              f"got {bits} bits and up to {max_q} tokens")
         block_n = gluon_decode.BLOCK_N
-        max_registers = max_registers or gluon_decode.MAX_REGISTERS
+        max_registers = max_registers or gluon_decode.max_registers(bits or 2)
         pairs = meta.num_seqs * self.request.num_kv_heads
         if splits is None and programs_per_sm is None:
             resident = (self.sm_count or 1) * gluon_decode.resident_per_sm(max_registers)
@@ -241,10 +242,12 @@ class TurboQuantAttention:
                 q_rot=q_rot.to(device=device, dtype=torch.float32).contiguous(),
                 bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table), **cubics,
             )
-            if kc.bits == 2:
-                self._operands[key]["gluon_tables"] = (*gluon_decode.int8_centroids(kc.table.tolist()),
-                                                       gluon_decode.VALUE_HIGH_BYTES)
-                self._operands[key]["gluon_value_unit"] = gluon_decode.value_unit(vc.table)
+            if kc.bits in gluon_decode.KERNEL_ASM:  # two words each (the second unused at 2 bits)
+                (k_lo, *k_hi), k_step = gluon_decode.int8_centroids(kc.table.tolist())
+                v_lo, *v_hi = gluon_decode.value_tables(vc.bits)
+                self._operands[key]["gluon_tables"] = (k_lo, k_hi[0] if k_hi else 0, k_step, v_lo,
+                                                       v_hi[0] if v_hi else 0)
+                self._operands[key]["gluon_value_unit"] = gluon_decode.value_unit(vc.table, vc.bits)
         return self._operands[key]
 
     # ---- the hot path ---------------------------------------------------
@@ -260,11 +263,11 @@ class TurboQuantAttention:
         plan = plan or self.plan(meta, bits=ops["bits"])
         if plan.lookup == 2 and query.dtype == torch.float32:
             raise ValueError("lookup 2 (PTX) decodes to float16: not for float32 queries")
-        if plan.lookup == 3 and ops["bits"] != 2:
+        if plan.lookup == 3 and ops["bits"] != 2 and not plan.gluon:
             raise ValueError(f"lookup 3 (the cubic decoder) is for 2-bit codes, not {ops['bits']}")
         t = pages.tensors
         k_unit = v_unit = 1.0  # the decoded values' unit, for decoders that work in units of their own
-        if plan.lookup == 3:
+        if plan.lookup == 3 and not plan.gluon:
             kc, vc = t["key_codes"], t["value_codes"]  # bytes
             k_table, v_table = ops["k_cubic"], ops["v_cubic"]
             k_unit, v_unit = ops["k_cubic_unit"], ops["v_cubic_unit"]
@@ -356,7 +359,7 @@ class TurboQuantAttention:
         kc, vc = t["key_codes"].view(torch.int32), t["value_codes"].view(torch.int32)  # words; strides in words
         # Norms as 32-bit words of token pairs ([blocks, tokens / 2, heads]; tokens contiguous).
         kn, vn = (t[name].transpose(1, 2).view(torch.int32).transpose(1, 2) for name in ("key_norm", "value_norm"))
-        gluon_decode.tq2_decode_gluon[(meta.num_seqs, req.num_kv_heads * (plan.splits + (1 if has_tail else 0)))](
+        gluon_decode.turboquant_decode_gluon[(meta.num_seqs, req.num_kv_heads * (plan.splits + (1 if has_tail else 0)))](
             q_in, partial, lse, kc, kn, vc, vn, *ops["gluon_tables"],
             meta.block_tables, meta.seq_lens, meta.query_start_loc, tk, tv, slots, window, capacity,
             req.num_kv_heads, score_scale, score_scale * math.sqrt(req.head_dim),
@@ -366,8 +369,8 @@ class TurboQuantAttention:
             tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
             kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-            GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim,
-            **gluon_decode.KERNEL_ASM, HAS_TAIL=has_tail, num_warps=1,
+            GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim, BITS=ops["bits"],
+            **gluon_decode.KERNEL_ASM[ops["bits"]], HAS_TAIL=has_tail, num_warps=1,
             **({"maxnreg": plan.max_registers} if plan.max_registers else {}))
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:

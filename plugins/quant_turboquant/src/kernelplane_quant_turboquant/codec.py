@@ -18,9 +18,9 @@ import math
 import torch
 
 from .codebook import codebook_for
-from .cubic import fit_pair
 from .packing import check_dim, pack, packed_bytes, unpack
 from .rotation import make_rotation
+from .shapes import SHAPES, fit_shape
 
 NORM_DTYPE = torch.float16
 _NORM_MAX = torch.finfo(NORM_DTYPE).max
@@ -67,9 +67,9 @@ class TurboQuantCodec:
         self.packed_bytes = packed_bytes(dim, bits)
         half = 2 ** (bits - 1)
         positive = self.codebook.positive_centroids
-        if bits == 2:
-            # The shape 3 : 10 nearest Lloyd-Max's, which the GPU decoders read exactly (see cubic).
-            positive = fit_pair(*positive)
+        if bits in SHAPES:
+            # The shape nearest Lloyd-Max's that the GPU decoders read exactly (see shapes).
+            positive = fit_shape(bits, tuple(positive))
         mags = torch.tensor(positive, dtype=torch.float64)
         # table[code], sign-magnitude codes (see module doc).
         self.table = torch.cat([mags, -mags]).float()

@@ -1,10 +1,10 @@
-"""2-bit TurboQuant decode attention in Gluon: code words decoded straight into tensor-core operands.
+"""2- and 3-bit TurboQuant decode attention in Gluon: code words decoded straight into tensor-core operands.
 
 ``kernels.turboquant_attention_kernel`` is bound by instruction issue. Gluon
 (Triton's layer where a kernel names its layouts) lets this kernel decode each
 thread's code words directly into the registers ``mma.sync`` reads, so its
 loop touches no shared memory and spends about 2.0 instructions per K/V
-element (``bench_turboquant_gluon.py --count``):
+element at 2 bits, 2.4 at 3 (``bench_turboquant_gluon.py --count``):
 
 - scores ``S = Q K^T`` on int8 tensor cores (m16n8k32). One ``prmt`` turns
   four key codes into four int8 centroids (``KEY_ASM``, table from
@@ -23,8 +23,13 @@ element (``bench_turboquant_gluon.py --count``):
   register pairs two neighbouring keys of one dimension: one ``prmt``
   gathers a byte of two keys' words, a shift and a ``lop3`` turn each field's
   codes into ``prmt`` selectors, and two ``prmt`` look up the high bytes of
-  the float16 centroids, whose low bytes are zero (``value_asm``; the 2-bit
-  codebook's shape 3 : 10 allows it, ``cubic``);
+  the float16 centroids, whose low bytes are zero (``value_asm``; the
+  codebooks' shapes, 3 : 10 and 1 : 3 : 5 : 8, allow it, ``shapes``);
+- 3-bit codes are 2-bit codes plus a part of top bits (``packing``), laid out
+  so that a main word's top bits sit in one extra word at one offset: the
+  decoders read both words and move the top bits into their selectors (one
+  rotation, one mask, one ``lop3`` more per word; ``KEY_ASM_3``, ``value_asm``),
+  so the query order and the outputs' dimensions are the 2-bit ones;
 - a step is 32 keys read as two runs of 16, each from one page, so every
   address is a page base plus an offset fixed for the whole loop; the next
   step's codes and norms load while this one decodes, the norms as 32-bit
@@ -36,8 +41,8 @@ element (``bench_turboquant_gluon.py --count``):
   sums its own share of the softmax denominators, added up once at the end;
 - the decoders' selector halves move down by a float16 multiply on the FMA
   pipe (``_high_half``), not a shift on the integer pipe, the loop's bound;
-- one warp per program, 168 registers per thread (12 programs resident per
-  SM); KV splits make two whole rounds of resident programs where the batch
+- one warp per program, 168 registers per thread at 2 bits (12 programs
+  resident per SM), 255 at 3 (8; ``MAX_REGISTERS``); KV splits make two whole rounds of resident programs where the batch
   allows (``ROUNDS``), one where two would leave splits short
   (``MIN_KEYS_PER_SPLIT_FOR_ROUNDS``).
 
@@ -53,7 +58,9 @@ simulator (``tests/test_decode_asm.py``), and the GPU runs the kernel tests.
 """
 from __future__ import annotations
 
-from kernelplane_quant_turboquant.cubic import check_shape
+import torch
+
+from kernelplane_quant_turboquant.shapes import check_shape
 
 try:
     from triton.experimental import gluon
@@ -64,7 +71,15 @@ except ImportError:  # a Triton without Gluon: the backend never plans this kern
 
 BLOCK_N = 32  # keys per step: two reads of BLOCK_N / 2 keys, each from one page
 PAGE_MULTIPLE = BLOCK_N // 2  # so pages must hold a multiple of this many tokens
-MAX_REGISTERS = 168  # per thread: 12 programs resident per SM at head dim 128 (the compiler's 209: 9)
+# Registers per thread, by bits. 2 bits: 168, 12 programs resident per SM at head dim 128
+# (the compiler's own choice, 209: 9). 3 bits: the extra words and their offsets need more;
+# under 232 the loop spills at head dim 128, and 255 holds as many programs (8) as 232 and
+# was 3 % faster (H200, 2026-12-03; 168: 30 % slower).
+MAX_REGISTERS = {2: 168, 3: 255}
+
+
+def max_registers(bits: int) -> int:
+    return MAX_REGISTERS[bits]
 # KV splits fill the GPU this many times over (whole rounds of resident programs). More
 # splits cost the combine more partials; fewer leave SMs idle (measured, BENCHMARKS.md).
 ROUNDS = 2
@@ -79,23 +94,37 @@ UNROLL = 2  # unmasked steps per iteration of the kernel's main loop (two: the l
 RESCALE_SLACK = 8.0
 
 
-def resident_per_sm(max_registers: int = MAX_REGISTERS) -> int:
+def resident_per_sm(max_registers: int) -> int:
     """One-warp programs an SM holds at once under a register cap: its 65536 registers over
     32 threads x ``max_registers`` (the kernel uses no shared memory)."""
     return 65536 // (32 * max_registers)
 
 
-# The value decoder's four centroids in its own units (``cubic``: the 2-bit table is
-# ``(3u, 10u, -3u, -10u)``): float16 1.5, 5, -1.5, -5, whose low bytes are zero; their
-# high bytes, in code order, as one word (``prmt`` looks them up).
-VALUE_CENTROIDS = (1.5, 5.0, -1.5, -5.0)
-VALUE_HIGH_BYTES = 0xC5BE453E - (1 << 32)  # bytes 0x3E, 0x45, 0xBE, 0xC5 (a signed int32 argument)
+# The value decoder's centroids in its own units, in code order: float16 numbers whose low
+# bytes are zero (``shapes``: 2-bit tables are ``(3u, 10u, -3u, -10u)``, 3-bit ones
+# ``(1, 3, 5, 8, -1, -3, -5, -8) u``), so ``prmt`` looks up their high bytes, four per word.
+VALUE_CENTROIDS = {2: (1.5, 5.0, -1.5, -5.0), 3: (1.0, 3.0, 5.0, 8.0, -1.0, -3.0, -5.0, -8.0)}
 
 
-def value_unit(table) -> float:
-    """What one unit of the value decoder's centroids is in the 2-bit ``table``'s units."""
-    check_shape(table)
-    return float(table[0]) / VALUE_CENTROIDS[0]
+def _high_byte_words(values) -> tuple[int, ...]:
+    """The float16 ``values``' high bytes, four per word (signed int32 arguments); raises
+    unless every low byte is zero."""
+    bits = [int(torch.tensor(v, dtype=torch.float16).view(torch.int16)) & 0xFFFF for v in values]
+    if any(b & 0xFF for b in bits):
+        raise ValueError(f"value centroids {values} have nonzero low bytes in float16")
+    return tuple(_signed32(sum((b >> 8) << (8 * i) for i, b in enumerate(bits[w:w + 4])))
+                 for w in range(0, len(bits), 4))
+
+
+def value_tables(bits: int) -> tuple[int, ...]:
+    """The words ``value_asm(bits)`` looks centroids up in (one for 2 bits, two for 3)."""
+    return _high_byte_words(VALUE_CENTROIDS[bits])
+
+
+def value_unit(table, bits: int) -> float:
+    """What one unit of the value decoder's centroids is in the ``bits``-bit ``table``'s units."""
+    check_shape(table, bits)
+    return float(table[0]) / VALUE_CENTROIDS[bits][0]
 
 
 def _high_half(dst: str, src: str) -> list[str]:
@@ -110,27 +139,44 @@ def _high_half(dst: str, src: str) -> list[str]:
             f"mov.b32 {dst}, {{hi, hi}};"]
 
 
-def value_asm() -> str:
+def value_asm(bits: int = 2) -> str:
     """PTX decoding two keys' value words into the four fields' float16 centroids of two
     bytes. Inputs: ``$8, $9`` the two keys' words (elements 0 and 1; elements 2 and 3
-    repeat them), ``$12`` the gather selector ``j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12``
-    for bytes ``j0`` (elements 0, 1) and ``j1`` (elements 2, 3); ``$16`` ``VALUE_HIGH_BYTES``.
+    repeat them), then the gather selector ``j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12``
+    for bytes ``j0`` (elements 0, 1) and ``j1`` (elements 2, 3), then the table
+    (``value_tables``): for 2 bits ``$12`` and ``$16``; for 3 bits ``$12, $13`` the two
+    keys' extra words (``packing``: the codes' top bits), the selector ``$16``, ``$20`` the
+    extra words' bit offset (0 or 1) and the table ``$24, $28``.
     Outputs ``$2f`` / ``$2f+1``: field ``f`` of byte ``j0`` / ``j1`` of the two keys (the
-    first key in the low half). One ``prmt`` gathers the four bytes into one register.
-    Then, per field, a shift puts its two bits at bits 4-5 of each byte and one ``lop3``
-    keeps them and sets bit 3: each byte becomes the ``prmt`` selector pair (low byte:
-    nibble 8, the sign of table byte 0, a positive centroid: zero; high byte: the code),
-    and ``prmt`` reads the low 16 bits of its selector (bytes 0 and 1), then of the
-    selector's high half moved down (bytes 2, 3; ``_high_half``)."""
-    lines = ["{", ".reg .b32 x, t, s0, s1;", ".reg .b16 lo, hi, one;", "prmt.b32 x, $8, $9, $12;"]
+    first key in the low half). One ``prmt`` gathers the four bytes into one register
+    (for 3 bits another the extra words' bytes, where field ``f``'s top bits sit at bit
+    ``2f`` plus the offset). Then, per field, shifts put its two low bits at bits 4-5 of
+    each byte (and its top bit at bit 6) and ``lop3`` keeps them and sets bit 3: each byte
+    becomes the ``prmt`` selector pair (low byte: nibble 8, the sign of table byte 0, a
+    positive centroid: zero; high byte: the code), and ``prmt`` reads the low 16 bits of
+    its selector (bytes 0 and 1), then of the selector's high half moved down (bytes 2,
+    3; ``_high_half``)."""
+    if bits not in (2, 3):
+        raise ValueError(f"the Gluon value decoder reads 2- or 3-bit codes, got {bits}")
+    gather, low, high = ("$12", "$16", "$16") if bits == 2 else ("$16", "$24", "$28")
+    lines = ["{", ".reg .b32 x, y, t, u, s0, s1;", ".reg .b16 lo, hi, one;", f"prmt.b32 x, $8, $9, {gather};"]
+    if bits == 3:
+        lines += [f"prmt.b32 y, $12, $13, {gather};", "shr.b32 y, y, $20;"]
     for f in range(4):
         shift, source = 4 - 2 * f, "x"
         if shift:
             lines.append(f"shl.b32 t, x, {shift};" if shift > 0 else f"shr.b32 t, x, {-shift};")
             source = "t"
         # lop3 0xEA: (a & b) | c
-        lines += [f"lop3.b32 s0, {source}, 0x30303030, 0x08080808, 0xEA;", f"prmt.b32 ${2 * f}, $16, $16, s0;",
-                  *_high_half("s1", "s0"), f"prmt.b32 ${2 * f + 1}, $16, $16, s1;"]
+        lines.append(f"lop3.b32 s0, {source}, 0x30303030, 0x08080808, 0xEA;")
+        if bits == 3:  # the top bit, at bit 2f of y's bytes, to bit 6
+            top = "y"
+            if f < 3:
+                lines.append(f"shl.b32 u, y, {6 - 2 * f};")
+                top = "u"
+            lines.append(f"lop3.b32 s0, {top}, 0x40404040, s0, 0xEA;")
+        lines += [f"prmt.b32 ${2 * f}, {low}, {high}, s0;", *_high_half("s1", "s0"),
+                  f"prmt.b32 ${2 * f + 1}, {low}, {high}, s1;"]
     return "\n".join(lines + ["}"])
 
 
@@ -145,7 +191,17 @@ def value_asm() -> str:
 KEY_ASM = "\n".join([
     "{", ".reg .b32 m, t;", ".reg .b16 lo, hi, one;", "shr.b32 m, $2, $10;", "and.b32 m, m, 0x33333333;",
     "prmt.b32 $0, $6, $6, m;", *_high_half("t", "m"), "prmt.b32 $1, $6, $6, t;", "}"])
-KERNEL_ASM = {"KA": KEY_ASM, "VA": value_asm()}  # the kernel's PTX parameters
+# 3 bits: as 2 bits, with each selector nibble's bit 2 the code's top bit, from the main
+# word's extra word ``$6`` (``packing``), where the top bits of fields ``h`` and ``h + 2``
+# of byte ``i`` sit at bits ``2h + e`` and ``2h + 4 + e`` of its byte ``i`` (``e``: 0 or 1,
+# which half of the main words the word is in): a rotation left by ``$22`` = ``2 - 2h - e``
+# (mod 32) takes both to bit 2 of their nibbles. The table is eight int8 centroids in
+# ``$10, $14``; ``$18``: the shift.
+KEY_ASM_3 = "\n".join([
+    "{", ".reg .b32 m, e, t;", ".reg .b16 lo, hi, one;", "shr.b32 m, $2, $18;", "shf.l.wrap.b32 e, $6, $6, $22;",
+    "and.b32 e, e, 0x44444444;", "lop3.b32 m, m, 0x33333333, e, 0xEA;", "prmt.b32 $0, $10, $14, m;",
+    *_high_half("t", "m"), "prmt.b32 $1, $10, $14, t;", "}"])
+KERNEL_ASM = {2: {"KA": KEY_ASM, "VA": value_asm(2)}, 3: {"KA": KEY_ASM_3, "VA": value_asm(3)}}  # by bits
 
 
 def _signed32(word: int) -> int:
@@ -153,18 +209,18 @@ def _signed32(word: int) -> int:
     return word - (1 << 32) if word >= 1 << 31 else word
 
 
-def int8_centroids(table) -> tuple[int, float]:
-    """(the four 2-bit centroids as int8 bytes of one int32 word, the value of one int8 step):
-    the step, among those putting the largest centroid at 64..127 steps, whose rounding
-    moves the centroids least relative to their size (about 1e-3 for TurboQuant's, far
-    below the int8 queries' rounding)."""
+def int8_centroids(table) -> tuple[tuple[int, ...], float]:
+    """(the centroids as int8 bytes, four per int32 word, the value of one int8 step): the
+    step, among those putting the largest centroid at 64..127 steps, whose rounding moves
+    the centroids least relative to their size (exact for the tables' shapes, ``shapes``)."""
     values = [float(v) for v in table]
     top = max(abs(v) for v in values)
     best = min((max(abs(v - round(v * n / top) * top / n) / max(abs(v), 1e-30) for v in values), n)
                for n in range(64, 128))[1]
     step = top / best
-    word = sum((round(v / step) & 0xFF) << (8 * i) for i, v in enumerate(values))
-    return _signed32(word), step
+    words = tuple(_signed32(sum((round(v / step) & 0xFF) << (8 * i) for i, v in enumerate(values[w:w + 4])))
+                  for w in range(0, len(values), 4))
+    return words, step
 
 
 def _jit(fn):
@@ -216,38 +272,51 @@ def _group_rows(x):
 
 
 @_jit
-def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
+def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw, extra,
                stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
-               stride_knb: gl.constexpr, stride_vnb: gl.constexpr, PAGE: gl.constexpr):
+               stride_knb: gl.constexpr, stride_vnb: gl.constexpr, PAGE: gl.constexpr, BITS: gl.constexpr):
     """Codes and norms of keys ``start ..`` (half a step, one page): one block-table entry,
     every address that page's base plus an offset fixed for the whole loop. Keys past
     ``kv_hi`` in the page are read and masked later (the page exists); past the sequence's
     pages, block 0 is read instead. Norms come as the 32-bit words of their pairs
-    (``_norms``; strides in words)."""
+    (``_norms``; strides in words). Returns ``(key words, value words, key norms, value
+    norms)``, for 3 bits then the extra words that go with the key and the value words
+    (offsets in ``extra``, ``_codes_partial``)."""
     # Positions are never negative: an unsigned division skips the sign fix-ups (about 20
     # integer instructions per step), and the row comes from the quotient.
     page = (start.to(gl.uint32) // PAGE).to(gl.int32)
     block = gl.load(table_ptr + page, mask=start < kv_hi, other=0).to(gl.int64)
     row = gl.multiple_of(start - page * PAGE, 16)  # steps start at multiples of 16
-    kb = gl.load(kc_head + (block * stride_kcb + row * stride_kct) + k_offsets)
-    vw = gl.load(vc_head + (block * stride_vcb + row * stride_vct) + v_offsets)
+    k_row = kc_head + (block * stride_kcb + row * stride_kct)
+    v_row = vc_head + (block * stride_vcb + row * stride_vct)
+    kb = gl.load(k_row + k_offsets)
+    vw = gl.load(v_row + v_offsets)
     kn = gl.load(kn_head + (block * stride_knb + row // 2) + offs_nw)
     vn = gl.load(vn_head + (block * stride_vnb + row // 2) + offs_nw)
-    return kb, vw, kn, vn
+    if BITS == 3:
+        codes = (kb, vw, kn, vn, gl.load(k_row + extra[0]), gl.load(v_row + extra[1]))
+    else:
+        codes = (kb, vw, kn, vn)
+    return codes
 
 
 @_jit
-def _scores(kb, kn, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn,
-            KA: gl.constexpr, MMA: gl.constexpr, MASKED: gl.constexpr):
+def _scores(codes, start, kv_lo, span, q0, q1, k_table, k_shift, extra, row_scale, offs_sn,
+            KA: gl.constexpr, MMA: gl.constexpr, MASKED: gl.constexpr, BITS: gl.constexpr):
     """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]); with
     ``MASKED``, -inf outside ``kv_lo .. kv_lo + span - 1``; and that mask (unused, so not
     computed, where the step is not ``MASKED``). The product's rows 0-7 meet the queries'
     high parts, rows 8-15 their low parts (``_query_parts``)."""
-    k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [kb, k_table, k_shift],
-                                       dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+    if BITS == 3:
+        k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r" + ",r" * 24, [codes[0], codes[4], k_table, extra[2], k_shift,
+                                                                     extra[3]],
+                                           dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+    else:
+        k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [codes[0], k_table, k_shift],
+                                           dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
     s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, offs_sn.shape[0]], gl.int32, MMA)))
     hi, lo = gl.split(gl.permute(gl.reshape(s, [2, 8, s.shape[1]]), [1, 2, 0]))
-    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(_norms(kn, offs_sn), 0)
+    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(_norms(codes[2], offs_sn), 0)
     ok = (start - kv_lo + offs_sn).to(gl.uint32) < span  # one unsigned compare for both ends
     if MASKED:
         s = s + gl.expand_dims(gl.where(ok, 0.0, float("-inf")), 0)
@@ -255,19 +324,24 @@ def _scores(kb, kn, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, off
 
 
 @_jit
-def _add_values(p, vn, ok, vw, v_gather, v_table, value_scale, acc0, acc1, acc2, acc3,
-                VA: gl.constexpr, B: gl.constexpr, MASKED: gl.constexpr):
+def _add_values(p, codes, ok, v_gather, v_table, extra, value_scale, acc0, acc1, acc2, acc3,
+                VA: gl.constexpr, B: gl.constexpr, MASKED: gl.constexpr, BITS: gl.constexpr):
     """The accumulators (``O^T``: dimensions x the group's heads) plus the values of half a
     step's keys times ``p`` (their softmax weights, the group's heads x keys):
     ``O^T += V^T P^T``. ``P^T`` is ``p`` transposed: in ``p``'s registers, the layout the
     product takes as its right operand."""
-    weight = _norms(vn, ok) * value_scale
+    weight = _norms(codes[3], ok) * value_scale
     if MASKED:
         weight = gl.where(ok, weight, 0.0)  # masked norms may be any bits
     p_t = gl.convert_layout(gl.permute((p * gl.expand_dims(weight, 0)).to(gl.float16), [1, 0]), B)
-    v0, v1, v2, v3 = gl.inline_asm_elementwise(
-        VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [vw, v_gather, v_table],
-        dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
+    if BITS == 3:
+        v0, v1, v2, v3 = gl.inline_asm_elementwise(
+            VA, "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 24, [codes[1], codes[5], v_gather, extra[5], v_table, extra[4]],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
+    else:
+        v0, v1, v2, v3 = gl.inline_asm_elementwise(
+            VA, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [codes[1], v_gather, v_table],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
     return mma_v2(v0, p_t, acc0), mma_v2(v1, p_t, acc1), mma_v2(v2, p_t, acc2), mma_v2(v3, p_t, acc3)
 
 
@@ -276,30 +350,30 @@ def _step(start, kv_lo, kv_hi, span, state, operands,
           stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_vcb: gl.constexpr, stride_vct: gl.constexpr,
           stride_knb: gl.constexpr, stride_vnb: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
           KA: gl.constexpr, VA: gl.constexpr, MMA: gl.constexpr, B: gl.constexpr, MASKED: gl.constexpr,
-          RESCALE_SLACK: gl.constexpr):
+          RESCALE_SLACK: gl.constexpr, BITS: gl.constexpr):
     """One step of ``BLOCK_N`` keys from ``start``: their codes and norms (loaded by the step
     before) into the running softmax and accumulators, while the next step's load.
-    ``state``, returned updated: this step's codes and norms (``kb_a .. vn_b``; the next
-    step's on return), the running maximum per head, each thread's share of the softmax
-    denominators (``[8, HALF]``: summed over the threads once, after the last step, instead
-    of in every step) and the accumulators. ``operands``: what every step reads the same
-    (``_codes_partial`` names them). ``MASKED``: whether the step reaches outside
-    ``kv_lo .. kv_hi - 1`` (only a split's first and last steps do; the others skip the
-    masks)."""
-    kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3 = state
+    ``state``, returned updated: this step's codes and norms (``codes_a``, ``codes_b``: the
+    two halves, ``_load_keys``; the next step's on return), the running maximum per head,
+    each thread's share of the softmax denominators (``[8, HALF]``: summed over the
+    threads once, after the last step, instead of in every step) and the accumulators.
+    ``operands``: what every step reads the same (``_codes_partial`` names them).
+    ``MASKED``: whether the step reaches outside ``kv_lo .. kv_hi - 1`` (only a split's
+    first and last steps do; the others skip the masks)."""
+    codes_a, codes_b, m_i, l_i, acc0, acc1, acc2, acc3 = state
     table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw, q0, q1, k_table, k_shift, \
-        row_scale, offs_sn, v_gather, v_table, value_scale = operands
+        row_scale, offs_sn, v_gather, v_table, value_scale, extra = operands
     HALF: gl.constexpr = BLOCK_N // 2
-    nkb_a, nvw_a, nkn_a, nvn_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
-                                            k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
-                                            stride_vct, stride_knb, stride_vnb, PAGE)
-    nkb_b, nvw_b, nkn_b, nvn_b = _load_keys(start + BLOCK_N + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head,
-                                            vn_head, k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct,
-                                            stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE)
-    s_a, ok_a = _scores(kb_a, kn_a, start, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn, KA, MMA,
-                        MASKED)
-    s_b, ok_b = _scores(kb_b, kn_b, start + HALF, kv_lo, span, q0, q1, k_table, k_shift, row_scale, offs_sn, KA,
-                        MMA, MASKED)
+    next_a = _load_keys(start + BLOCK_N, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets,
+                        offs_nw, extra, stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE,
+                        BITS)
+    next_b = _load_keys(start + BLOCK_N + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets,
+                        v_offsets, offs_nw, extra, stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb,
+                        stride_vnb, PAGE, BITS)
+    s_a, ok_a = _scores(codes_a, start, kv_lo, span, q0, q1, k_table, k_shift, extra, row_scale, offs_sn, KA, MMA,
+                        MASKED, BITS)
+    s_b, ok_b = _scores(codes_b, start + HALF, kv_lo, span, q0, q1, k_table, k_shift, extra, row_scale, offs_sn, KA,
+                        MMA, MASKED, BITS)
     # The running maximum moves only when a row's scores exceed it by more than
     # RESCALE_SLACK (then p <= 2^RESCALE_SLACK): in a decode step it settles after a few
     # keys, and the accumulators are rescaled only in the steps where it moves.
@@ -317,27 +391,27 @@ def _step(start, kv_lo, kv_hi, span, state, operands,
         acc2 = acc2 * rescale
         acc3 = acc3 * rescale
     l_i = l_i + p_a + p_b
-    acc0, acc1, acc2, acc3 = _add_values(p_a, vn_a, ok_a, vw_a, v_gather, v_table, value_scale,
-                                         acc0, acc1, acc2, acc3, VA, B, MASKED)
-    acc0, acc1, acc2, acc3 = _add_values(p_b, vn_b, ok_b, vw_b, v_gather, v_table, value_scale,
-                                         acc0, acc1, acc2, acc3, VA, B, MASKED)
-    return nkb_a, nvw_a, nkn_a, nvn_a, nkb_b, nvw_b, nkn_b, nvn_b, m_new, l_i, acc0, acc1, acc2, acc3
+    acc0, acc1, acc2, acc3 = _add_values(p_a, codes_a, ok_a, v_gather, v_table, extra, value_scale,
+                                         acc0, acc1, acc2, acc3, VA, B, MASKED, BITS)
+    acc0, acc1, acc2, acc3 = _add_values(p_b, codes_b, ok_b, v_gather, v_table, extra, value_scale,
+                                         acc0, acc1, acc2, acc3, VA, B, MASKED, BITS)
+    return next_a, next_b, m_new, l_i, acc0, acc1, acc2, acc3
 
 
 @_jit
-def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
-                     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tk_ptr, tv_ptr, seq_slots_ptr,
-                     tail_window, tail_capacity, num_kv_heads, score_scale, tail_score_scale, value_scale,
-                     tokens_per_split,
-                     stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
-                     stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh,
-                     stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_kch: gl.constexpr,
-                     stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_knh: gl.constexpr,
-                     stride_vcb: gl.constexpr, stride_vct: gl.constexpr, stride_vch: gl.constexpr,
-                     stride_vnb: gl.constexpr, stride_vnt: gl.constexpr, stride_vnh: gl.constexpr,
-                     GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr,
-                     RESCALE_SLACK: gl.constexpr = RESCALE_SLACK, UNROLL: gl.constexpr = UNROLL):
+def turboquant_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_int8_hi, k_step,
+                            v_table, v_table_hi, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tk_ptr, tv_ptr,
+                            seq_slots_ptr, tail_window, tail_capacity, num_kv_heads, score_scale, tail_score_scale,
+                            value_scale, tokens_per_split,
+                            stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
+                            stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh,
+                            stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_kch: gl.constexpr,
+                            stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_knh: gl.constexpr,
+                            stride_vcb: gl.constexpr, stride_vct: gl.constexpr, stride_vch: gl.constexpr,
+                            stride_vnb: gl.constexpr, stride_vnt: gl.constexpr, stride_vnh: gl.constexpr,
+                            GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            BITS: gl.constexpr, KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr,
+                            RESCALE_SLACK: gl.constexpr = RESCALE_SLACK, UNROLL: gl.constexpr = UNROLL):
     """Grid: (sequences, KV heads x (splits + 1 with the exact tail)); one warp. Decode only
     (at most one query token per sequence, at its last position, every earlier key
     visible). Writes the rotated partial outputs and base-2 log-sum-exp of each split in
@@ -348,8 +422,10 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
     (``_tail_partial``, written as the last split), the codes cover the rest.
     ``q_ptr``: queries already rotated (float32). ``kc_ptr``, ``vc_ptr``, ``kn_ptr``,
     ``vn_ptr``: the code and norm pages as 32-bit words (strides in words; the norms
-    token-contiguous, two per word). ``k_int8, k_step``: the key centroids as int8
-    (``int8_centroids``); ``v_table``: ``VALUE_HIGH_BYTES``.
+    token-contiguous, two per word). ``BITS``: 2 or 3 (``KA``, ``VA``: ``KERNEL_ASM[BITS]``).
+    ``k_int8, k_int8_hi, k_step``: the key centroids as int8 and the value of one int8 step
+    (``int8_centroids``; ``k_int8_hi``: the second word, 3 bits); ``v_table, v_table_hi``:
+    ``value_tables``.
     ``tail_score_scale``: for the tail's rows, which hold coordinates, not unit vectors."""
     program = gl.program_id(1)
     if HAS_TAIL:
@@ -361,20 +437,21 @@ def tq2_decode_gluon(q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k
                           stride_tks, stride_tke, stride_tkh, stride_tvs, stride_tve, stride_tvh, GROUP, HEAD_DIM)
         else:
             _codes_partial(program - num_kv_heads, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8,
-                           k_step, v_table, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window,
-                           tail_capacity, num_kv_heads, score_scale, value_scale, tokens_per_split,
+                           k_int8_hi, k_step, v_table, v_table_hi, block_tables_ptr, seq_lens_ptr,
+                           query_start_loc_ptr, tail_window, tail_capacity, num_kv_heads, score_scale, value_scale,
+                           tokens_per_split,
                            stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                            stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
                            stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
-                           GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK, UNROLL)
+                           GROUP, BLOCK_N, PAGE, HEAD_DIM, BITS, KA, VA, HAS_TAIL, RESCALE_SLACK, UNROLL)
     else:
-        _codes_partial(program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
-                       block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
-                       num_kv_heads, score_scale, value_scale, tokens_per_split,
+        _codes_partial(program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_int8_hi, k_step,
+                       v_table, v_table_hi, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window,
+                       tail_capacity, num_kv_heads, score_scale, value_scale, tokens_per_split,
                        stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                        stride_kcb, stride_kct, stride_kch, stride_knb, stride_knt, stride_knh,
                        stride_vcb, stride_vct, stride_vch, stride_vnb, stride_vnt, stride_vnh,
-                       GROUP, BLOCK_N, PAGE, HEAD_DIM, KA, VA, HAS_TAIL, RESCALE_SLACK, UNROLL)
+                       GROUP, BLOCK_N, PAGE, HEAD_DIM, BITS, KA, VA, HAS_TAIL, RESCALE_SLACK, UNROLL)
 
 
 @_jit
@@ -451,18 +528,18 @@ def _tail_partial(q_ptr, part_ptr, lse_ptr, tk_ptr, tv_ptr, seq_slots_ptr, seq_l
 
 
 @_jit
-def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_step, v_table,
-                   block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window, tail_capacity,
-                   num_kv_heads, score_scale, value_scale, tokens_per_split,
+def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_ptr, vn_ptr, k_int8, k_int8_hi,
+                   k_step, v_table, v_table_hi, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, tail_window,
+                   tail_capacity, num_kv_heads, score_scale, value_scale, tokens_per_split,
                    stride_qt, stride_qh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_bt,
                    stride_kcb: gl.constexpr, stride_kct: gl.constexpr, stride_kch: gl.constexpr,
                    stride_knb: gl.constexpr, stride_knt: gl.constexpr, stride_knh: gl.constexpr,
                    stride_vcb: gl.constexpr, stride_vct: gl.constexpr, stride_vch: gl.constexpr,
                    stride_vnb: gl.constexpr, stride_vnt: gl.constexpr, stride_vnh: gl.constexpr,
                    GROUP: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr, RESCALE_SLACK: gl.constexpr,
-                   UNROLL: gl.constexpr):
-    """One program of ``tq2_decode_gluon`` over the codes: KV head and split from
+                   BITS: gl.constexpr, KA: gl.constexpr, VA: gl.constexpr, HAS_TAIL: gl.constexpr,
+                   RESCALE_SLACK: gl.constexpr, UNROLL: gl.constexpr):
+    """One program of ``turboquant_decode_gluon`` over the codes: KV head and split from
     ``code_program`` (``kv_head + num_kv_heads * split``)."""
     HALF: gl.constexpr = BLOCK_N // 2
     FW: gl.constexpr = HEAD_DIM // 4  # code bytes per row
@@ -537,6 +614,18 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
         gl.zeros([FW, HALF], gl.int32, A)
     v_table_t = gl.full([FW, HALF], v_table, gl.int32, A)
     k_table = gl.full([2 * FW, HALF], k_int8, gl.int32, B8)
+    # 3 bits: each main word's top bits sit in extra word ``w % (WORDS / 2)`` after the
+    # row's main words, at a bit offset ``e = w // (WORDS / 2)`` on top of the field's
+    # (``packing``), which the decoders take in (``KEY_ASM_3``, ``value_asm``).
+    k_word = offs_kr % FW // 4
+    v_word = offs_vm % WORDS
+    k_extra = gl.expand_dims(offs_kn * stride_kct, 0) + gl.expand_dims(WORDS + k_word % (WORDS // 2), 1)
+    v_extra = gl.expand_dims(offs_vn * stride_vct, 0) + gl.expand_dims(WORDS + v_word % (WORDS // 2), 1)
+    k_rot = gl.expand_dims((2 - 2 * (offs_kr // FW) - k_word // (WORDS // 2)) & 31, 1) + \
+        gl.zeros([2 * FW, HALF], gl.int32, B8)
+    v_offset = gl.expand_dims(v_word // (WORDS // 2), 1) + gl.zeros([FW, HALF], gl.int32, A)
+    extra = (k_extra, v_extra, gl.full([2 * FW, HALF], k_int8_hi, gl.int32, B8), k_rot,
+             gl.full([FW, HALF], v_table_hi, gl.int32, A), v_offset)
     # Masks and norms per key in the score rows' own layout (``_norms`` turns the loaded words into it).
     offs_sn = gl.arange(0, HALF, layout=gl.SliceLayout(0, row_scale.type.layout))
     NW: gl.constexpr = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[8, 4], warps_per_cta=[1, 1],
@@ -556,18 +645,17 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     full_lo = gl.where(kv_lo % BLOCK_N == 0, start, start + BLOCK_N)
     full_hi = gl.maximum(kv_hi - kv_hi % BLOCK_N, full_lo)
     # Software prefetch: each step loads the next one's codes and norms before it decodes its own.
-    kb_a, vw_a, kn_a, vn_a = _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets,
-                                        v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb, stride_vct,
-                                        stride_knb, stride_vnb, PAGE)
-    kb_b, vw_b, kn_b, vn_b = _load_keys(start + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head,
-                                        k_offsets, v_offsets, offs_nw, stride_kcb, stride_kct, stride_vcb,
-                                        stride_vct, stride_knb, stride_vnb, PAGE)
-    state = (kb_a, vw_a, kn_a, vn_a, kb_b, vw_b, kn_b, vn_b, m_i, l_i, acc0, acc1, acc2, acc3)
+    codes_a = _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw,
+                         extra, stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BITS)
+    codes_b = _load_keys(start + HALF, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets,
+                         offs_nw, extra, stride_kcb, stride_kct, stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE,
+                         BITS)
+    state = (codes_a, codes_b, m_i, l_i, acc0, acc1, acc2, acc3)
     operands = (table_ptr, kc_head, vc_head, kn_head, vn_head, k_offsets, v_offsets, offs_nw, q0, q1, k_table,
-                k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale)
+                k_shift, row_scale, offs_sn, v_gather, v_table_t, value_scale, extra)
     if (start < full_lo) & (start < kv_hi):
         state = _step(start, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct, stride_vcb, stride_vct,
-                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, True, RESCALE_SLACK)
+                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, True, RESCALE_SLACK, BITS)
     # The unmasked steps UNROLL at a time: a loop of one step copied its prefetched
     # registers into the next iteration's (about 25 moves per step).
     full_mid = full_lo + (full_hi - full_lo) // (UNROLL * BLOCK_N) * (UNROLL * BLOCK_N)
@@ -575,15 +663,15 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
         for u in gl.static_range(UNROLL):
             state = _step(start + u * BLOCK_N, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct,
                           stride_vcb, stride_vct, stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, False,
-                          RESCALE_SLACK)
+                          RESCALE_SLACK, BITS)
     gl.static_assert(UNROLL == 2, "the unmasked steps left after the loop are at most one")
     if full_mid < full_hi:
         state = _step(full_mid, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct, stride_vcb, stride_vct,
-                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, False, RESCALE_SLACK)
+                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, False, RESCALE_SLACK, BITS)
     if full_hi < kv_hi:
         state = _step(full_hi, kv_lo, kv_hi, span, state, operands, stride_kcb, stride_kct, stride_vcb, stride_vct,
-                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, True, RESCALE_SLACK)
-    m_i, l_i, acc0, acc1, acc2, acc3 = state[8:]  # after the codes and norms
+                      stride_knb, stride_vnb, PAGE, BLOCK_N, KA, VA, MMA, B, True, RESCALE_SLACK, BITS)
+    m_i, l_i, acc0, acc1, acc2, acc3 = state[2:]  # after the codes and norms
 
     l_i = gl.sum(l_i, 1)
     seen = l_i > 0.0
