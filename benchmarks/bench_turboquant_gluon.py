@@ -1,4 +1,4 @@
-"""The Gluon decode kernel (``gluon_decode``, 2 and 3 bits) against the Triton kernel, on the GPU.
+"""The Gluon decode kernel (``gluon_decode``, 2-4 bits) against the Triton kernel, on the GPU.
 
 ``gluon_decode`` decodes code words straight into tensor-core operands (its
 docstring has the design). The backend plans it for 2-bit decode batches
@@ -52,7 +52,7 @@ def count() -> int:
           "without the rescale skips its branch (the running maximum stays); counts per step")
     print("| bits | head dim | loop instructions | per K/V element | without the rescale | per K/V element | "
           "most frequent |\n|---|---|---|---|---|---|---|")
-    for bits, dim in ((2, 128), (2, 64), (3, 128), (3, 64)):
+    for bits, dim in ((2, 128), (2, 64), (3, 128), (3, 64), (4, 128), (4, 64)):
         kernel = count_sass.compile_gluon_case(dim=dim, bits=bits)
         spills = count_sass.local_memory_accesses(kernel.asm["cubin"])
         if spills:
@@ -111,7 +111,7 @@ def written_decode_case(bt, quantizer, request, device, gen):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", action="store_true", help="only count the sm_90 main loop's instructions")
-    ap.add_argument("--bits", type=int, default=2, choices=(2, 3), help="the codes' width (default 2)")
+    ap.add_argument("--bits", type=int, default=2, choices=(2, 3, 4), help="the codes' width (default 2)")
     ap.add_argument("--registers", default="", metavar="N,N",
                     help="also time the Gluon plan under these register caps per thread")
     ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 shape with the exact tail")

@@ -164,7 +164,8 @@ def check() -> int:
     from kernelplane_quant_turboquant import gluon_decode
 
     if gluon_decode.gluon is not None:
-        for has_tail, dim, bits in ((False, 128, 2), (True, 64, 2), (False, 128, 3), (True, 64, 3)):
+        for has_tail, dim, bits in ((False, 128, 2), (True, 64, 2), (False, 128, 3), (True, 64, 3), (False, 128, 4),
+                                    (True, 64, 4)):
             compile_gluon_case(has_tail, dim, bits)
             print(f"Gluon {bits}-bit decode kernel, head dim {dim}"
                   f"{', codes around the exact tail' if has_tail else ''}: compiled", flush=True)

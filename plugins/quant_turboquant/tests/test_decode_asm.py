@@ -66,6 +66,15 @@ def run_ptx(asm: str, operands: dict) -> dict:
             r = ((v[1] << 32 | v[0]) << (v[2] & 31)) >> 32
         elif op == "and.b32":
             r = v[0] & v[1]
+        elif op == "xor.b32":
+            r = v[0] ^ v[1]
+        elif op in ("mul.rn.f16x2", "fma.rn.f16x2"):  # per 16-bit half, rounded once, subnormals kept
+            r = 0
+            for half in range(2):
+                x = [torch.tensor([(a >> 16 * half) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)
+                     .double() for a in v]
+                exact = x[0] * x[1] + (x[2] if op.startswith("fma") else 0)
+                r |= (int(exact.to(torch.float16).view(torch.int16)) & 0xFFFF) << 16 * half
         elif op == "or.b32":
             r = v[0] | v[1]
         elif op == "mad.lo.u32":
@@ -240,8 +249,55 @@ def test_gluon_3_bit_value_decoder(dim):
                     assert got[key] * unit == pytest.approx(float(table[code]), rel=1e-6)
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_4_bit_key_decoder_and_query_order(dim):
+    """KEY_ASM_4 on the word of the half each operand row reads (``h = r // FW``): byte ``i``
+    of output ``o`` is a centroid's int8 step count less a half (``key_tables``) at the 2-bit
+    order's dimension."""
+    table = TurboQuantCodec(4, dim, seed=1).table.tolist()
+    (lo, hi), step = gluon_decode.key_tables(torch.tensor(table), 4)
+    rng = random.Random(11)
+    fw, words = dim // 4, dim // 16
+    for _ in range(20):
+        codes = [rng.randrange(16) for _ in range(dim)]
+        row = _row_words(packing.pack(torch.tensor(codes), 4))
+        for r in range(2 * fw):
+            h, w, i = r // fw, r % fw // 4, r % 4
+            regs = run_ptx(gluon_decode.KEY_ASM_4, {"$2": row[h * words + w], "$6": lo & MASK, "$10": hi & MASK})
+            for out in range(2):
+                d = (h + 2 * (i % 2)) * fw + 4 * w + 2 * out + i // 2
+                assert (_signed_byte(regs[f"${out}"], i) + 0.5) * step == pytest.approx(table[codes[d]], rel=1e-6)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_4_bit_value_decoder(dim):
+    """value_asm(4): field f of operand row m is dimension ``f * FW + 4 (m % WORDS) + m // WORDS``
+    (the row's halves as the 2-bit fields), the odd-integer centroids exact in float16."""
+    table = TurboQuantCodec(4, dim, seed=1).table
+    unit = gluon_decode.value_unit(table, 4)
+    lo, hi = gluon_decode.value_tables(4)
+    rng = random.Random(12)
+    fw, words = dim // 4, dim // 16
+    asm = gluon_decode.value_asm(4)
+    for _ in range(40):
+        codes = [[rng.randrange(16) for _ in range(dim)] for _ in range(2)]
+        rows = [_row_words(packing.pack(torch.tensor(c), 4)) for c in codes]
+        m, j1 = rng.randrange(fw), rng.randrange(4)
+        w, j0 = m % words, m // words
+        regs = run_ptx(asm, {"$8": rows[0][w], "$9": rows[1][w], "$12": rows[0][words + w],
+                             "$13": rows[1][words + w], "$16": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12,
+                             "$20": lo & MASK, "$24": hi & MASK})
+        for f in range(4):
+            for out, byte in ((2 * f, j0), (2 * f + 1, j1)):
+                got = [_half(regs[f"${out}"] & 0xFFFF), _half(regs[f"${out}"] >> 16)]
+                for key in range(2):
+                    code = codes[key][f * fw + 4 * w + byte]
+                    assert got[key] == gluon_decode.VALUE_CENTROIDS[4][code]
+                    assert got[key] * unit == pytest.approx(float(table[code]), rel=1e-6)
+
+
 def test_gluon_decoders_refuse_other_widths():
-    with pytest.raises(ValueError, match="2- or 3-bit"):
-        gluon_decode.value_asm(4)
+    with pytest.raises(ValueError, match="2-, 3- or 4-bit"):
+        gluon_decode.value_asm(1)
     with pytest.raises(ValueError, match="shape 1 : 3 : 5 : 8"):
         gluon_decode.value_unit(torch.tensor([0.25, 0.76, 1.34, 2.15, -0.25, -0.76, -1.34, -2.15]), 3)

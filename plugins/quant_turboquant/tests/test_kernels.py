@@ -189,7 +189,7 @@ def test_exact_tail_in_prefill_tiles_with_a_window():
     run_case("turboquant3", 4, 1, 128, (1,), (70,), dtype=torch.bfloat16, block_n=64, tail_window=64)
 
 
-def test_plan_takes_the_gluon_kernel_for_two_and_three_bit_decode_batches():
+def test_plan_takes_the_gluon_kernel_for_decode_batches():
     request = AttentionRequest(num_heads=32, num_kv_heads=8, head_dim=128, kv_cache_format="turboquant2",
                                dtype="bfloat16")
     backend = TurboQuantAttention(request, sm_count=132)
@@ -222,10 +222,11 @@ def test_plan_takes_the_gluon_kernel_for_two_and_three_bit_decode_batches():
     assert backend.plan(one_long, bits=2).splits == 128  # under one round: as many splits as allowed
     assert backend.plan(small, bits=2).gluon
     assert backend.plan(one_long, bits=2).gluon
-    assert backend.plan(big, bits=3).gluon and not backend.plan(big, bits=4).gluon
+    assert backend.plan(big, bits=3).gluon and backend.plan(big, bits=4).gluon
+    assert backend.plan(big, bits=3).max_registers == 255
     assert not backend.plan(drafts, bits=2).gluon
-    with pytest.raises(ValueError, match="reads 2 or 3-bit codes"):
-        backend.plan(big, bits=4, gluon=True)
+    with pytest.raises(ValueError, match="reads 2, 3 or 4-bit codes"):
+        backend.plan(big, bits=1, gluon=True)
     with pytest.raises(ValueError, match="one query token per sequence"):
         backend.plan(drafts, bits=2, gluon=True)
     if not unavailable_here:  # pages of 8 tokens (a read of 16 keys would span two); 16 query heads per KV head
@@ -238,7 +239,7 @@ def test_plan_takes_the_gluon_kernel_for_two_and_three_bit_decode_batches():
 @pytest.mark.skipif(DEVICE == "cpu", reason="Gluon kernels do not run in Triton's CPU interpreter (compiled for "
                                            "sm_90 in test_compiles_for_sm90.py)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fmt", ["turboquant2", "turboquant3"])
+@pytest.mark.parametrize("fmt", ["turboquant2", "turboquant3", "turboquant4"])
 def test_gluon_decode_kernel(fmt, dtype):
     run_case(fmt, 32, 8, 128, (1, 1, 1), (1500, 3, 64), dtype=dtype, gluon=True, splits=4)
     # A GQA group of three at head dim 64 (SmolLM2) and GQA 4 at 128, the exact tail read by the kernel's own

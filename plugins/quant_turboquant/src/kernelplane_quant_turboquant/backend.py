@@ -57,7 +57,7 @@ class LaunchPlan:
     # The exact tail read by a second launch instead of the last split (measured: +13 µs at batch 1,
     # against +3; at 4 bits, 128k tokens, batch 16: +5 % against +10 %; BENCHMARKS.md).
     separate_tail: bool = False
-    gluon: bool = False  # 2- and 3-bit decode by gluon_decode (its own block_n and splits; the tail by its own programs)
+    gluon: bool = False  # decode by gluon_decode (its own block_n and splits; the tail by its own programs)
     max_registers: Optional[int] = None  # the Gluon kernel's register cap per thread (more programs resident per SM)
     combine_heads: int = 0  # query heads per program of the split combine (0: the rule of `_combine_heads`)
 
@@ -119,7 +119,7 @@ class TurboQuantAttention:
         self.gluon_unavailable = self._gluon_unavailable(nvidia)
 
     def _gluon_unavailable(self, nvidia: bool) -> Optional[str]:
-        """Why ``gluon_decode`` cannot serve this request (None: it can, for 2- and 3-bit decode batches)."""
+        """Why ``gluon_decode`` cannot serve this request (None: it can, for decode batches)."""
         req = self.request
         if not nvidia:
             return "needs compiled Triton on an NVIDIA GPU"
@@ -144,8 +144,8 @@ class TurboQuantAttention:
              bits: Optional[int] = None, rotated_query: bool = False, separate_tail: bool = False,
              gluon: Optional[bool] = None, max_registers: Optional[int] = None, rounds: Optional[int] = None) -> LaunchPlan:
         """The launch for this batch; the keyword arguments let tests and benchmarks sweep.
-        ``bits``: of the pages (2- and 3-bit decode batches on an NVIDIA GPU take the Gluon
-        kernel where it can run, other 2-bit tiles on a GPU the cubic decoder). ``max_registers``:
+        ``bits``: of the pages (decode batches on an NVIDIA GPU take the Gluon kernel where
+        it can run, other 2-bit tiles on a GPU the cubic decoder). ``max_registers``:
         the Gluon kernel's cap (default ``gluon_decode.max_registers(bits)``).
         ``programs_per_sm``: KV splits are added until about this many programs run per SM
         (default ``TARGET_PROGRAMS_PER_SM``; the Gluon kernel's splits make ``rounds`` whole
@@ -197,7 +197,8 @@ class TurboQuantAttention:
         if self.gluon_unavailable:
             raise ValueError(f"the Gluon decode kernel is not available here: {self.gluon_unavailable}")
         if (bits is not None and bits not in gluon_decode.KERNEL_ASM) or max_q != 1:
-            widths = " or ".join(map(str, gluon_decode.KERNEL_ASM))
+            *others, last = map(str, gluon_decode.KERNEL_ASM)
+            widths = f"{', '.join(others)} or {last}"
             raise ValueError(f"the Gluon decode kernel reads {widths}-bit codes for one query token per sequence, "
                              f"got {bits} bits and up to {max_q} tokens")
         block_n = gluon_decode.BLOCK_N
@@ -243,7 +244,7 @@ class TurboQuantAttention:
                 bits=kc.bits, k_asm=decode_asm(kc.bits, kc.table), v_asm=decode_asm(vc.bits, vc.table), **cubics,
             )
             if kc.bits in gluon_decode.KERNEL_ASM:  # two words each (the second unused at 2 bits)
-                (k_lo, *k_hi), k_step = gluon_decode.int8_centroids(kc.table.tolist())
+                (k_lo, *k_hi), k_step = gluon_decode.key_tables(kc.table, kc.bits)
                 v_lo, *v_hi = gluon_decode.value_tables(vc.bits)
                 self._operands[key]["gluon_tables"] = (k_lo, k_hi[0] if k_hi else 0, k_step, v_lo,
                                                        v_hi[0] if v_hi else 0)
@@ -369,8 +370,8 @@ class TurboQuantAttention:
             tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
             kc.stride(0), kc.stride(1), kc.stride(2), kn.stride(0), kn.stride(1), kn.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-            GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim, BITS=ops["bits"],
-            **gluon_decode.KERNEL_ASM[ops["bits"]], HAS_TAIL=has_tail, num_warps=1,
+            GROUP=self.group, BLOCK_N=plan.block_n, PAGE=pages.block_size, HEAD_DIM=req.head_dim,
+            BITS=ops["bits"], **gluon_decode.KERNEL_ASM[ops["bits"]], HAS_TAIL=has_tail, num_warps=1,
             **({"maxnreg": plan.max_registers} if plan.max_registers else {}))
 
     def _check(self, query: torch.Tensor, pages: KVPages, meta: AttentionMetadata) -> None:

@@ -1,4 +1,4 @@
-"""2- and 3-bit TurboQuant decode attention in Gluon: code words decoded straight into tensor-core operands.
+"""TurboQuant decode attention in Gluon (2, 3, 4 bits): code words decoded straight into tensor-core operands.
 
 ``kernels.turboquant_attention_kernel`` is bound by instruction issue. Gluon
 (Triton's layer where a kernel names its layouts) lets this kernel decode each
@@ -30,6 +30,12 @@ element at 2 bits, 2.4 at 3 (``bench_turboquant_gluon.py --count``):
   decoders read both words and move the top bits into their selectors (one
   rotation, one mask, one ``lop3`` more per word; ``KEY_ASM_3``, ``value_asm``),
   so the query order and the outputs' dimensions are the 2-bit ones;
+- 4-bit codes: the row's two halves play the 2-bit fields, each word's eight
+  codes decoded in place (``KEY_ASM_4``, ``value_asm``); the codebook's shape
+  (odd integers, ``shapes``) makes a negative centroid's byte the complement of
+  its magnitude's, so one sign mask per register makes it, the keys' centroids
+  are half a step off the int8 grid (each score gets half the query's sum
+  added) and the values come out of float16 arithmetic on the looked-up byte;
 - a step is 32 keys read as two runs of 16, each from one page, so every
   address is a page base plus an offset fixed for the whole loop; the next
   step's codes and norms load while this one decodes, the norms as 32-bit
@@ -42,8 +48,9 @@ element at 2 bits, 2.4 at 3 (``bench_turboquant_gluon.py --count``):
 - the decoders' selector halves move down by a float16 multiply on the FMA
   pipe (``_high_half``), not a shift on the integer pipe, the loop's bound;
 - one warp per program, 168 registers per thread at 2 bits (12 programs
-  resident per SM), 255 at 3 (8; ``MAX_REGISTERS``); KV splits make two whole rounds of resident programs where the batch
-  allows (``ROUNDS``), one where two would leave splits short
+  resident per SM), 255 at 3 and 4 (8; ``MAX_REGISTERS``); KV splits make two
+  whole rounds of resident programs where the batch allows (``ROUNDS``), one
+  where two would leave splits short
   (``MIN_KEYS_PER_SPLIT_FOR_ROUNDS``).
 
 Decode steps only (one query token per sequence), no sliding window, head
@@ -60,7 +67,7 @@ from __future__ import annotations
 
 import torch
 
-from kernelplane_quant_turboquant.shapes import check_shape
+from kernelplane_quant_turboquant.shapes import SHAPES, check_shape
 
 try:
     from triton.experimental import gluon
@@ -75,7 +82,7 @@ PAGE_MULTIPLE = BLOCK_N // 2  # so pages must hold a multiple of this many token
 # (the compiler's own choice, 209: 9). 3 bits: the extra words and their offsets need more;
 # under 232 the loop spills at head dim 128, and 255 holds as many programs (8) as 232 and
 # was 3 % faster (H200, 2026-12-03; 168: 30 % slower).
-MAX_REGISTERS = {2: 168, 3: 255}
+MAX_REGISTERS = {2: 168, 3: 255, 4: 255}
 
 
 def max_registers(bits: int) -> int:
@@ -100,10 +107,18 @@ def resident_per_sm(max_registers: int) -> int:
     return 65536 // (32 * max_registers)
 
 
-# The value decoder's centroids in its own units, in code order: float16 numbers whose low
-# bytes are zero (``shapes``: 2-bit tables are ``(3u, 10u, -3u, -10u)``, 3-bit ones
-# ``(1, 3, 5, 8, -1, -3, -5, -8) u``), so ``prmt`` looks up their high bytes, four per word.
-VALUE_CENTROIDS = {2: (1.5, 5.0, -1.5, -5.0), 3: (1.0, 3.0, 5.0, 8.0, -1.0, -3.0, -5.0, -8.0)}
+# The value decoder's centroids in its own units, in code order. 2 and 3 bits: float16
+# numbers whose low bytes are zero (``shapes``: 2-bit tables are ``(3u, 10u, -3u, -10u)``,
+# 3-bit ones ``(1, 3, 5, 8, -1, -3, -5, -8) u``), so ``prmt`` looks up their high bytes, four
+# per word. 4 bits: the shape's odd integers and their negatives (``value_asm``).
+VALUE_CENTROIDS = {2: (1.5, 5.0, -1.5, -5.0), 3: (1.0, 3.0, 5.0, 8.0, -1.0, -3.0, -5.0, -8.0),
+                   4: SHAPES[4] + tuple(-s for s in SHAPES[4])}
+
+
+def _byte_words(values) -> tuple[int, ...]:
+    """Bytes, four per word (signed int32 arguments)."""
+    return tuple(_signed32(sum((b & 0xFF) << (8 * i) for i, b in enumerate(values[w:w + 4])))
+                 for w in range(0, len(values), 4))
 
 
 def _high_byte_words(values) -> tuple[int, ...]:
@@ -117,7 +132,9 @@ def _high_byte_words(values) -> tuple[int, ...]:
 
 
 def value_tables(bits: int) -> tuple[int, ...]:
-    """The words ``value_asm(bits)`` looks centroids up in (one for 2 bits, two for 3)."""
+    """The words ``value_asm(bits)`` looks centroids up in (one for 2 bits, two for 3 and 4)."""
+    if bits == 4:  # byte 127 - (s - 1) / 2 for magnitude s: the decoder makes 255 - 2 * byte
+        return _byte_words([127 - (m - 1) // 2 for m in SHAPES[4]])
     return _high_byte_words(VALUE_CENTROIDS[bits])
 
 
@@ -156,8 +173,10 @@ def value_asm(bits: int = 2) -> str:
     positive centroid: zero; high byte: the code), and ``prmt`` reads the low 16 bits of
     its selector (bytes 0 and 1), then of the selector's high half moved down (bytes 2,
     3; ``_high_half``)."""
+    if bits == 4:
+        return _value_asm_4()
     if bits not in (2, 3):
-        raise ValueError(f"the Gluon value decoder reads 2- or 3-bit codes, got {bits}")
+        raise ValueError(f"the Gluon value decoder reads 2-, 3- or 4-bit codes, got {bits}")
     gather, low, high = ("$12", "$16", "$16") if bits == 2 else ("$16", "$24", "$28")
     lines = ["{", ".reg .b32 x, y, t, u, s0, s1;", ".reg .b16 lo, hi, one;", f"prmt.b32 x, $8, $9, {gather};"]
     if bits == 3:
@@ -177,6 +196,39 @@ def value_asm(bits: int = 2) -> str:
             lines.append(f"lop3.b32 s0, {top}, 0x40404040, s0, 0xEA;")
         lines += [f"prmt.b32 ${2 * f}, {low}, {high}, s0;", *_high_half("s1", "s0"),
                   f"prmt.b32 ${2 * f + 1}, {low}, {high}, s1;"]
+    return "\n".join(lines + ["}"])
+
+
+def _value_asm_4() -> str:
+    """PTX decoding two keys' 4-bit value codes into float16 centroids (the shape's odd
+    integers, ``VALUE_CENTROIDS[4]``). The row's two halves play the 2-bit fields: field
+    ``f`` of byte ``j`` is the low (``f`` 0, 1) or high (2, 3) nibble of byte ``j`` of the
+    first (``f`` even) or second half's word. Inputs: ``$8, $9`` the two keys' first-half
+    words, ``$12, $13`` their second-half words, ``$16`` the gather selector (as 2 bits),
+    ``$20, $24`` the table (``value_tables(4)``: byte ``127 - (s - 1) / 2`` for magnitude
+    ``s``). Per field a ``lop3`` makes the magnitudes' selectors (low nibble the magnitude,
+    high nibble 8: the sign of table byte 0, zero) and ``prmt`` looks up ``[t_a, 0, t_b, 0]``;
+    a negative code complements its byte (a ``prmt`` replicating the codes' sign bits, a
+    ``lop3``), so both signs give ``255 - 2 * byte`` = the centroid: the register, two
+    float16 subnormals ``byte * 2^-24``, times ``2^12`` then times ``-2^13`` plus 255 (both
+    exact; on the FMA pipe)."""
+    lines = ["{", ".reg .b32 x, y, ux, uy, t, s0, s1, r, m, k0, k1, k2;", ".reg .b16 lo, hi, one;",
+             "mov.b32 k0, 0x6C006C00;", "mov.b32 k1, 0xF000F000;", "mov.b32 k2, 0x5BF85BF8;",  # 2^12, -2^13, 255
+             "prmt.b32 x, $8, $9, $16;", "prmt.b32 y, $12, $13, $16;", "shl.b32 ux, x, 4;", "shl.b32 uy, y, 4;"]
+    for f in range(4):
+        source, high = ("x", "y")[f % 2], f >= 2
+        signs = source if high else "u" + source  # each code's sign at bit 7 of its byte
+        if high:
+            lines.append(f"shr.b32 t, {source}, 4;")
+            source = "t"
+        # lop3 0xEA: (a & b) | c; 0x78: a ^ (b & c)
+        lines.append(f"lop3.b32 s0, {source}, 0x07070707, 0x80808080, 0xEA;")
+        for out, sel, mask in ((2 * f, "s0", "0x9988"), (2 * f + 1, "s1", "0xBBAA")):
+            if sel == "s1":
+                lines += _high_half("s1", "s0")
+            lines += [f"prmt.b32 r, $20, $24, {sel};", f"prmt.b32 m, {signs}, {signs}, {mask};",
+                      "lop3.b32 r, r, m, 0x00FF00FF, 0x78;", "mul.rn.f16x2 r, r, k0;",
+                      f"fma.rn.f16x2 ${out}, r, k1, k2;"]
     return "\n".join(lines + ["}"])
 
 
@@ -201,12 +253,35 @@ KEY_ASM_3 = "\n".join([
     "{", ".reg .b32 m, e, t;", ".reg .b16 lo, hi, one;", "shr.b32 m, $2, $18;", "shf.l.wrap.b32 e, $6, $6, $22;",
     "and.b32 e, e, 0x44444444;", "lop3.b32 m, m, 0x33333333, e, 0xEA;", "prmt.b32 $0, $10, $14, m;",
     *_high_half("t", "m"), "prmt.b32 $1, $10, $14, t;", "}"])
-KERNEL_ASM = {2: {"KA": KEY_ASM, "VA": value_asm(2)}, 3: {"KA": KEY_ASM_3, "VA": value_asm(3)}}  # by bits
+# 4 bits: the row's two halves play the 2-bit fields (a program reads word ``w`` of the half
+# its operand row asks for), and each word's eight codes are decoded in place: output
+# ``$o``, byte ``i``: nibble ``4o + i``. The magnitudes (the low 3 bits) select bytes of the
+# table ``$6, $10`` (``key_tables``); a negative code's byte is complemented, by its sign
+# bit replicated into a mask (``prmt`` in sign mode on the word and the word shifted by 4,
+# which puts the low nibbles' sign bits at bit 7).
+KEY_ASM_4 = "\n".join([
+    "{", ".reg .b32 m, u, a, b, s, t;", ".reg .b16 lo, hi, one;", "and.b32 m, $2, 0x77777777;", "shl.b32 u, $2, 4;",
+    "prmt.b32 a, $6, $10, m;", *_high_half("t", "m"), "prmt.b32 b, $6, $10, t;",
+    "prmt.b32 s, u, $2, 0xD9C8;", "xor.b32 $0, a, s;", "prmt.b32 s, u, $2, 0xFBEA;", "xor.b32 $1, b, s;", "}"])
+KERNEL_ASM = {2: {"KA": KEY_ASM, "VA": value_asm(2)}, 3: {"KA": KEY_ASM_3, "VA": value_asm(3)},
+              4: {"KA": KEY_ASM_4, "VA": value_asm(4)}}  # by bits
 
 
 def _signed32(word: int) -> int:
     """A 32-bit pattern as the signed value a kernel's int32 argument carries."""
     return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def key_tables(table, bits: int) -> tuple[tuple[int, ...], float]:
+    """(the words ``KERNEL_ASM[bits]["KA"]`` looks key centroids up in, the value of one int8
+    step in the score product). 2 and 3 bits: the centroids as int8 (``int8_centroids``).
+    4 bits: the eight magnitudes ``s`` of the shape (odd integers, ``shapes``) as bytes
+    ``(s - 1) / 2``, a negative centroid their complement ``-(s + 1) / 2``: so every centroid is
+    ``(byte + 1/2)`` steps, and the kernel adds half the query's sum to each score."""
+    if bits != 4:
+        return int8_centroids(table)
+    unit = check_shape(table, 4)
+    return _byte_words([(m - 1) // 2 for m in SHAPES[4]]), 2 * unit
 
 
 def int8_centroids(table) -> tuple[tuple[int, ...], float]:
@@ -218,9 +293,7 @@ def int8_centroids(table) -> tuple[tuple[int, ...], float]:
     best = min((max(abs(v - round(v * n / top) * top / n) / max(abs(v), 1e-30) for v in values), n)
                for n in range(64, 128))[1]
     step = top / best
-    words = tuple(_signed32(sum((round(v / step) & 0xFF) << (8 * i) for i, v in enumerate(values[w:w + 4])))
-                  for w in range(0, len(values), 4))
-    return words, step
+    return _byte_words([round(v / step) for v in values]), step
 
 
 def _jit(fn):
@@ -253,6 +326,15 @@ def _query_parts(x, high_rows):
 
 
 @_jit
+def _part_sums(x):
+    """Per row of ``x`` (as ``_query_parts`` splits it), ``128 * sum(hi) + sum(lo)``: what a
+    row's scores gain per unit added to every key element, as a float."""
+    hi = _round_int8(x)
+    lo = _round_int8((x - hi.to(gl.float32)) * 128.0)
+    return (gl.sum(hi.to(gl.int32), 1) * 128 + gl.sum(lo.to(gl.int32), 1)).to(gl.float32)
+
+
+@_jit
 def _load_query_operand(q_rows, q_ok, offs_r, OUT: gl.constexpr, FW: gl.constexpr):
     """The query elements that ``KEY_ASM`` output ``OUT`` meets in the score product: column
     r is shift ``h = r // FW``, word ``w = r % FW // 4``, byte ``i = r % 4`` of the output,
@@ -280,8 +362,8 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
     ``kv_hi`` in the page are read and masked later (the page exists); past the sequence's
     pages, block 0 is read instead. Norms come as the 32-bit words of their pairs
     (``_norms``; strides in words). Returns ``(key words, value words, key norms, value
-    norms)``, for 3 bits then the extra words that go with the key and the value words
-    (offsets in ``extra``, ``_codes_partial``)."""
+    norms)``, then for 3 bits the extra words that go with the key and the value words, for
+    4 bits the value words' second-half words (offsets in ``extra``, ``_codes_partial``)."""
     # Positions are never negative: an unsigned division skips the sign fix-ups (about 20
     # integer instructions per step), and the row comes from the quotient.
     page = (start.to(gl.uint32) // PAGE).to(gl.int32)
@@ -295,6 +377,8 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
     vn = gl.load(vn_head + (block * stride_vnb + row // 2) + offs_nw)
     if BITS == 3:
         codes = (kb, vw, kn, vn, gl.load(k_row + extra[0]), gl.load(v_row + extra[1]))
+    elif BITS == 4:
+        codes = (kb, vw, kn, vn, gl.load(v_row + extra[1]))
     else:
         codes = (kb, vw, kn, vn)
     return codes
@@ -311,12 +395,18 @@ def _scores(codes, start, kv_lo, span, q0, q1, k_table, k_shift, extra, row_scal
         k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r" + ",r" * 24, [codes[0], codes[4], k_table, extra[2], k_shift,
                                                                      extra[3]],
                                            dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+    elif BITS == 4:
+        k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [codes[0], k_table, extra[2]],
+                                           dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
     else:
         k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [codes[0], k_table, k_shift],
                                            dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
     s = mma_v2(q1, k1, mma_v2(q0, k0, gl.zeros([16, offs_sn.shape[0]], gl.int32, MMA)))
     hi, lo = gl.split(gl.permute(gl.reshape(s, [2, 8, s.shape[1]]), [1, 2, 0]))
-    s = ((hi * 128 + lo).to(gl.float32) * row_scale) * gl.expand_dims(_norms(codes[2], offs_sn), 0)
+    s = (hi * 128 + lo).to(gl.float32)
+    if BITS == 4:  # centroids are (byte + 1/2) steps (``key_tables``)
+        s = s + extra[6]
+    s = (s * row_scale) * gl.expand_dims(_norms(codes[2], offs_sn), 0)
     ok = (start - kv_lo + offs_sn).to(gl.uint32) < span  # one unsigned compare for both ends
     if MASKED:
         s = s + gl.expand_dims(gl.where(ok, 0.0, float("-inf")), 0)
@@ -337,6 +427,10 @@ def _add_values(p, codes, ok, v_gather, v_table, extra, value_scale, acc0, acc1,
     if BITS == 3:
         v0, v1, v2, v3 = gl.inline_asm_elementwise(
             VA, "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 24, [codes[1], codes[5], v_gather, extra[5], v_table, extra[4]],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
+    elif BITS == 4:
+        v0, v1, v2, v3 = gl.inline_asm_elementwise(
+            VA, "=r,=r,=r,=r,=r,=r,=r,=r" + ",r" * 20, [codes[1], codes[4], v_gather, v_table, extra[4]],
             dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
     else:
         v0, v1, v2, v3 = gl.inline_asm_elementwise(
@@ -575,10 +669,18 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     q1 = _load_query_operand(q_rows, q_ok, offs_qr, 1, FW)
     q_max = gl.maximum(gl.max(gl.abs(q0), 1), gl.max(gl.abs(q1), 1))
     to_int = gl.expand_dims(127.0 / gl.maximum(q_max, 1e-30), 1)
-    q0 = gl.convert_layout(_query_parts(q0 * to_int, high_rows), A8)
-    q1 = gl.convert_layout(_query_parts(q1 * to_int, high_rows), A8)
+    x0 = q0 * to_int
+    x1 = q1 * to_int
+    q0 = gl.convert_layout(_query_parts(x0, high_rows), A8)
+    q1 = gl.convert_layout(_query_parts(x1, high_rows), A8)
     row_scale = gl.expand_dims(gl.convert_layout(q_max / (127.0 * 128.0) * k_step * score_scale, ROWS), 1)
     row_scale = _group_rows(row_scale + gl.zeros([16, HALF], gl.float32, MMA))
+    if BITS == 4:  # half the query's sum in the score product's units, per head (``key_tables``)
+        query_sum = _part_sums(x0) + _part_sums(x1)
+        half_query_sum = _group_rows(gl.expand_dims(gl.convert_layout(query_sum * 0.5, ROWS), 1) +
+                                     gl.zeros([16, HALF], gl.float32, MMA))
+    else:
+        half_query_sum = row_scale  # unused
 
     kv_lo = split * tokens_per_split
     kv_hi = gl.minimum(seq_len, kv_lo + tokens_per_split)
@@ -600,7 +702,11 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     # share the load): the decoder takes words, and bytes would be unpacked and packed again.
     offs_kn = gl.arange(0, HALF, layout=gl.SliceLayout(0, B8))
     offs_kr = gl.arange(0, 2 * FW, layout=gl.SliceLayout(1, B8))
-    k_offsets = gl.expand_dims(offs_kn * stride_kct, 0) + gl.expand_dims(offs_kr % FW // 4, 1)
+    if BITS == 4:  # row r reads word r % FW // 4 of half r // FW (its fields h and h + 2)
+        k_offsets = gl.expand_dims(offs_kn * stride_kct, 0) + \
+            gl.expand_dims(offs_kr % FW // 4 + offs_kr // FW * WORDS, 1)
+    else:
+        k_offsets = gl.expand_dims(offs_kn * stride_kct, 0) + gl.expand_dims(offs_kr % FW // 4, 1)
     k_shift = gl.expand_dims(2 * (offs_kr // FW), 1) + gl.zeros([2 * FW, HALF], gl.int32, B8)
     # The value operand V^T's row m holds byte m // WORDS of word m % WORDS of each key row:
     # its output row is dimension f * FW + 4 * (m % WORDS) + m // WORDS. A thread's elements
@@ -620,12 +726,15 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     k_word = offs_kr % FW // 4
     v_word = offs_vm % WORDS
     k_extra = gl.expand_dims(offs_kn * stride_kct, 0) + gl.expand_dims(WORDS + k_word % (WORDS // 2), 1)
-    v_extra = gl.expand_dims(offs_vn * stride_vct, 0) + gl.expand_dims(WORDS + v_word % (WORDS // 2), 1)
+    if BITS == 4:  # the second half's word beside each first-half word
+        v_extra = gl.expand_dims(offs_vn * stride_vct, 0) + gl.expand_dims(WORDS + v_word, 1)
+    else:
+        v_extra = gl.expand_dims(offs_vn * stride_vct, 0) + gl.expand_dims(WORDS + v_word % (WORDS // 2), 1)
     k_rot = gl.expand_dims((2 - 2 * (offs_kr // FW) - k_word // (WORDS // 2)) & 31, 1) + \
         gl.zeros([2 * FW, HALF], gl.int32, B8)
     v_offset = gl.expand_dims(v_word // (WORDS // 2), 1) + gl.zeros([FW, HALF], gl.int32, A)
     extra = (k_extra, v_extra, gl.full([2 * FW, HALF], k_int8_hi, gl.int32, B8), k_rot,
-             gl.full([FW, HALF], v_table_hi, gl.int32, A), v_offset)
+             gl.full([FW, HALF], v_table_hi, gl.int32, A), v_offset, half_query_sum)
     # Masks and norms per key in the score rows' own layout (``_norms`` turns the loaded words into it).
     offs_sn = gl.arange(0, HALF, layout=gl.SliceLayout(0, row_scale.type.layout))
     NW: gl.constexpr = gl.BlockedLayout(size_per_thread=[2, 1], threads_per_warp=[8, 4], warps_per_cta=[1, 1],

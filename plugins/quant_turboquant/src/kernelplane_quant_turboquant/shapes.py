@@ -2,10 +2,13 @@
 
 A b-bit code (sign-magnitude) stands for one of ``2^(b-1)`` magnitudes or its
 negative. The Gluon kernel (``gluon_decode``) turns codes into centroids by byte
-permutes: int8 numbers for the keys' score product, and for the values the high
-byte of a float16 number whose low byte is zero (sign, exponent and two mantissa
-bits). So, in some unit of its own, each magnitude must be a small integer and a
-float16 number with two mantissa bits. The codec stores the magnitudes in such a
+permutes: int8 numbers for the keys' score product and float16 ones for the
+values. At 2 and 3 bits the value decoder looks up the high byte of a float16
+number whose low byte is zero (sign, exponent and two mantissa bits), so in some
+unit of its own each magnitude must be a small integer and a float16 number with
+two mantissa bits. At 4 bits (eight magnitudes) the decoders look up one byte per
+magnitude and make the sign by complementing it, so the magnitudes must be odd
+integers below 256 (``gluon_decode``). The codec stores the magnitudes in such a
 shape, scaled to lie nearest Lloyd-Max's (``fit_shape``), and the kernels multiply
 by the unit once, in the scales they already apply:
 
@@ -16,7 +19,10 @@ by the unit once, in the scales they already apply:
 - 3 bits, ``1 : 3 : 5 : 8`` (float16 0.25, 0.75, 1.25, 2): Lloyd-Max's
   magnitudes (0.2451, 0.7560, 1.3440, 2.1520) are about 1 : 3.08 : 5.48 : 8.78;
   of the shapes float16 holds with two mantissa bits, this one adds least to the
-  normal distribution's expected squared error: 1.1 % (Lloyd-Max's 0.03455).
+  normal distribution's expected squared error: 1.1 % (Lloyd-Max's 0.03455);
+- 4 bits, ``11 : 33 : 55 : 79 : 105 : 135 : 173 : 229``: of the odd-integer
+  shapes up to 255 the one nearest Lloyd-Max's magnitudes in expected squared
+  error (0.05 % above Lloyd-Max's 0.009501; found by search).
 
 A table off its shape would be decoded with an error that is the same for every
 key with that code and does not average out over a long context, so the decoders
@@ -29,7 +35,7 @@ import math
 
 import torch
 
-SHAPES = {2: (3, 10), 3: (1, 3, 5, 8)}  # magnitudes, ascending, in units of their own
+SHAPES = {2: (3, 10), 3: (1, 3, 5, 8), 4: (11, 33, 55, 79, 105, 135, 173, 229)}  # ascending, in units of their own
 
 
 def shape_of(bits: int) -> tuple[int, ...]:
