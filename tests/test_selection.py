@@ -192,3 +192,13 @@ def test_cli_explain_text_shows_reasons():
     out = _cli("explain", env=env)
     assert out.returncode == 0, out.stderr
     assert "== attention: reference  (override reference)" in out.stdout
+
+
+def test_cli_explain_takes_the_cache_format_without_a_model():
+    """``--kv-cache-dtype`` alone asks for the default model's shapes with that cache: the
+    attention table reads that format and the quantizer table is that format's."""
+    out = _cli("explain", "--json", "--kv-cache-dtype", "turboquant3")
+    assert out.returncode == 0, out.stderr
+    sel = json.loads(out.stdout)["selections"]
+    assert sel["attention"]["request"]["kv_cache_format"] == "turboquant3"
+    assert sel["kv_quantizer"]["request"]["format"] == "turboquant3"

@@ -41,6 +41,17 @@ def _requests_from_args(args) -> dict:
         cap = Capability(data.pop("capability", "attention"))
         requests[cap] = {Capability.ATTENTION: AttentionRequest, Capability.KV_QUANTIZER: KVQuantRequest,
                          Capability.MOE: MoERequest, Capability.SPEC_PROPOSER: SpecRequest}[cap](**data)
+    elif args.kv_cache_dtype != "auto" or args.dtype:
+        # The default model's shapes (``explain.DEFAULT_REQUESTS``) with the cache and dtype asked for.
+        from .explain import DEFAULT_REQUESTS
+
+        attention = DEFAULT_REQUESTS[Capability.ATTENTION]
+        update = {"dtype": args.dtype} if args.dtype else {}
+        if args.kv_cache_dtype != "auto":
+            update["kv_cache_format"] = args.kv_cache_dtype
+            requests[Capability.KV_QUANTIZER] = DEFAULT_REQUESTS[Capability.KV_QUANTIZER].model_copy(
+                update={"format": args.kv_cache_dtype})
+        requests[Capability.ATTENTION] = attention.model_copy(update=update)
     if args.speculative:
         requests[Capability.SPEC_PROPOSER] = SpecRequest(method=args.speculative)
     return requests

@@ -363,7 +363,7 @@ def _load_keys(start, kv_hi, table_ptr, kc_head, vc_head, kn_head, vn_head, k_of
     pages, block 0 is read instead. Norms come as the 32-bit words of their pairs
     (``_norms``; strides in words). Returns ``(key words, value words, key norms, value
     norms)``, then for 3 bits the extra words that go with the key and the value words, for
-    4 bits the value words' second-half words (offsets in ``extra``, ``_codes_partial``)."""
+    4 bits the value words' second-half words (offsets in ``extra``, named in ``_codes_partial``)."""
     # Positions are never negative: an unsigned division skips the sign fix-ups (about 20
     # integer instructions per step), and the row comes from the quotient.
     page = (start.to(gl.uint32) // PAGE).to(gl.int32)
@@ -390,7 +390,8 @@ def _scores(codes, start, kv_lo, span, q0, q1, k_table, k_shift, extra, row_scal
     """Base-2 scaled scores of the group's heads for half a step's keys ([8, keys]); with
     ``MASKED``, -inf outside ``kv_lo .. kv_lo + span - 1``; and that mask (unused, so not
     computed, where the step is not ``MASKED``). The product's rows 0-7 meet the queries'
-    high parts, rows 8-15 their low parts (``_query_parts``)."""
+    high parts, rows 8-15 their low parts (``_query_parts``). ``extra``: named in
+    ``_codes_partial``."""
     if BITS == 3:
         k0, k1 = gl.inline_asm_elementwise(KA, "=r,=r" + ",r" * 24, [codes[0], codes[4], k_table, extra[2], k_shift,
                                                                      extra[3]],
@@ -419,7 +420,7 @@ def _add_values(p, codes, ok, v_gather, v_table, extra, value_scale, acc0, acc1,
     """The accumulators (``O^T``: dimensions x the group's heads) plus the values of half a
     step's keys times ``p`` (their softmax weights, the group's heads x keys):
     ``O^T += V^T P^T``. ``P^T`` is ``p`` transposed: in ``p``'s registers, the layout the
-    product takes as its right operand."""
+    product takes as its right operand. ``extra``: named in ``_codes_partial``."""
     weight = _norms(codes[3], ok) * value_scale
     if MASKED:
         weight = gl.where(ok, weight, 0.0)  # masked norms may be any bits
@@ -733,6 +734,11 @@ def _codes_partial(code_program, q_ptr, part_ptr, lse_ptr, kc_ptr, kn_ptr, vc_pt
     k_rot = gl.expand_dims((2 - 2 * (offs_kr // FW) - k_word // (WORDS // 2)) & 31, 1) + \
         gl.zeros([2 * FW, HALF], gl.int32, B8)
     v_offset = gl.expand_dims(v_word // (WORDS // 2), 1) + gl.zeros([FW, HALF], gl.int32, A)
+    # What 3- and 4-bit codes need beside the 2-bit operands (unused at 2 bits): [0] the key
+    # extra words' offsets (3 bits), [1] the value extra words' offsets (3 bits: top bits; 4
+    # bits: the second half), [2] the key table's second word, [3] the key top bits'
+    # rotations (3 bits), [4] the value table's second word, [5] the value top bits' offsets
+    # (3 bits), [6] half the query's sum per head (4 bits).
     extra = (k_extra, v_extra, gl.full([2 * FW, HALF], k_int8_hi, gl.int32, B8), k_rot,
              gl.full([FW, HALF], v_table_hi, gl.int32, A), v_offset, half_query_sum)
     # Masks and norms per key in the score rows' own layout (``_norms`` turns the loaded words into it).
