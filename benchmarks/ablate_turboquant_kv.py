@@ -246,6 +246,8 @@ def main() -> int:
     windows = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
     codecs = {b: TurboQuantCodec(b, dim, seed=0x7C5A_0001 + dim, norm_mode=DEFAULT_NORM_MODE[b],
                                  scale_search=DEFAULT_SCALE_SEARCH[b]) for b in (2, 3, 4)}
+    value_codecs = {b: TurboQuantCodec(b, dim, seed=0x7C5A_0001 + dim, norm_mode=DEFAULT_NORM_MODE[b],
+                                       scale_search=DEFAULT_SCALE_SEARCH[b], role="value") for b in (2, 3, 4)}
 
     def variant(kbits=None, vbits=None, sink=0, center_values=False, key_mu="mean", outliers=0.0,
                 random_outliers=False, key_codec=None, value_codec=None, debias=None) -> Transform:
@@ -263,7 +265,7 @@ def main() -> int:
                 elif debias == "expected":  # the codec's mean relative error times the stored vector's length
                     noise = expected_error * (exact_k - mu).pow(2).sum(-1)
             if vbits:
-                v = round_trip(value_codec or codecs[vbits], v, v.mean(0) if center_values else None)
+                v = round_trip(value_codec or value_codecs[vbits], v, v.mean(0) if center_values else None)
             if outliers:  # [tokens, heads]: the longest centred keys (or random tokens) exact
                 length = (exact_k - exact_k.mean(0)).norm(dim=-1)
                 if random_outliers:
@@ -284,8 +286,8 @@ def main() -> int:
         and (unless given) scale search."""
         return tuple(TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim + 7919 * draw + part,
                                      norm_mode=DEFAULT_NORM_MODE[bits],
-                                     scale_search=scale_search or DEFAULT_SCALE_SEARCH[bits])
-                     for part in (0, 1))
+                                     scale_search=scale_search or DEFAULT_SCALE_SEARCH[bits], role=role)
+                     for part, role in ((0, "key"), (1, "value")))
 
     reference: list[torch.Tensor] = []
     base, _ = perplexity(lm, windows, None, reference=reference)
@@ -337,8 +339,8 @@ def main() -> int:
         for bits in (3, 4):
             for key_mode, value_mode in (("unbiased", "unbiased"), ("mse", "mse"), ("unbiased", "mse"),
                                          ("length", "length")):
-                kc, vc = (TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim, norm_mode=mode)
-                          for mode in (key_mode, value_mode))
+                kc, vc = (TurboQuantCodec(bits, dim, seed=0x7C5A_0001 + dim, norm_mode=mode, role=role)
+                          for mode, role in ((key_mode, "key"), (value_mode, "value")))
                 report(f"K+V {bits} bits, norms: keys {key_mode}, values {value_mode}; first and latest {n} exact",
                        variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=n)
             for seed in range(1, args.seeds):

@@ -223,7 +223,7 @@ def test_gluon_3_bit_key_decoder_and_query_order(dim):
 def test_gluon_3_bit_value_decoder(dim):
     """value_asm(3) on two keys' page rows: for operand row m (main word ``m % WORDS``, byte
     ``m // WORDS``), field f gives the value of dimension ``f * FW + 4 (m % WORDS) + m // WORDS``."""
-    table = TurboQuantCodec(3, dim, seed=1).table
+    table = TurboQuantCodec(3, dim, seed=1, role="value").table
     unit = gluon_decode.value_unit(table, 3)
     lo, hi = gluon_decode.value_tables(3)
     rng = random.Random(10)

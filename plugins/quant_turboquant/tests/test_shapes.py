@@ -58,16 +58,31 @@ def _symmetric(magnitudes):
 @pytest.mark.parametrize("dim", [64, 128])
 def test_the_3_bit_table_has_its_shape_and_costs_about_one_percent(dim):
     lloyd = codebook_for(3, dim).positive_centroids
-    shaped = shapes.fit_shape(3, lloyd)
+    shaped = shapes.fit_shape(3, lloyd, "value")
     unit = shaped[0]
     assert [s / unit for s in shaped] == pytest.approx([1, 3, 5, 8], rel=1e-12)
     # Each magnitude within 9 % of Lloyd-Max's (the outermost moves most).
     assert all(abs(s - m) < 0.09 * m for s, m in zip(shaped, lloyd))
     lloyd_mse, shaped_mse = sphere_mse(_symmetric(lloyd), dim), sphere_mse(_symmetric(shaped), dim)
     assert 0 <= shaped_mse - lloyd_mse < 0.015 * lloyd_mse
-    table = TurboQuantCodec(3, dim, seed=1).table.double()
+    table = TurboQuantCodec(3, dim, seed=1, role="value").table.double()
     assert table.tolist() == pytest.approx(list(shaped) + [-s for s in shaped], rel=1e-7)  # float32
-    assert shapes.check_shape(table, 3) == pytest.approx(unit, rel=1e-7)
+    assert shapes.check_shape(table, 3, "value") == pytest.approx(unit, rel=1e-7)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_the_3_bit_key_table_is_lloyd_max_on_an_int8_grid(dim):
+    """Keys need only int8 steps: their shape moves each magnitude by about 1 % at most."""
+    lloyd = codebook_for(3, dim).positive_centroids
+    shaped = shapes.fit_shape(3, lloyd, "key")
+    assert [s / shaped[0] * 10 for s in shaped] == pytest.approx([10, 31, 55, 88], rel=1e-12)
+    assert all(abs(s - m) < 0.012 * m for s, m in zip(shaped, lloyd))
+    lloyd_mse, shaped_mse = sphere_mse(_symmetric(lloyd), dim), sphere_mse(_symmetric(shaped), dim)
+    assert 0 <= shaped_mse - lloyd_mse < 5e-4 * lloyd_mse  # 0.03 % at head dim 64
+    table = TurboQuantCodec(3, dim, seed=1, role="key").table.double()
+    assert shapes.check_shape(table, 3, "key") == pytest.approx(shaped[0] / 10, rel=1e-7)
+    with pytest.raises(ValueError, match="shape 1 : 3 : 5 : 8 the GPU decoders read exactly for values"):
+        shapes.check_shape(table, 3, "value")
 
 
 @pytest.mark.parametrize("dim", [64, 128])
@@ -85,7 +100,7 @@ def test_the_3_bit_shape_against_the_published_lloyd_max_error():
     lloyd = gaussian_codebook(3).positive_centroids
     lloyd_mse = gaussian_mse(_symmetric(lloyd))
     assert lloyd_mse == pytest.approx(0.03455, abs=1e-4)  # the published 3-bit Lloyd-Max MSE
-    shaped_mse = gaussian_mse(_symmetric(shapes.fit_shape(3, lloyd)))
+    shaped_mse = gaussian_mse(_symmetric(shapes.fit_shape(3, lloyd, "value")))
     assert 1.005 * lloyd_mse < shaped_mse < 1.015 * lloyd_mse
 
 
@@ -100,6 +115,8 @@ def test_tables_off_their_shape_and_widths_without_one_are_refused():
     lloyd = codebook_for(3, 64).positive_centroids
     with pytest.raises(ValueError, match="shape 1 : 3 : 5 : 8"):
         shapes.check_shape(torch.tensor(list(lloyd) + [-m for m in lloyd], dtype=torch.float64), 3)
+    with pytest.raises(ValueError, match="role must be one of value, key"):
+        shapes.shape_of(3, "query")
     with pytest.raises(ValueError, match="no decoder shape for 1-bit codes"):
         shapes.fit_shape(1, tuple(codebook_for(1, 64).positive_centroids))
     with pytest.raises(ValueError, match="3-bit codes have 4 magnitudes"):

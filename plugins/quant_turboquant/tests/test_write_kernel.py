@@ -39,7 +39,10 @@ def test_fused_write_stores_what_the_codec_stores(fmt, dim, norm_mode, prerotate
         n0, n1 = p0.tensors[f"{plane}_norm"].float(), p1.tensors[f"{plane}_norm"].float()
         differing_bytes = (c0 != c1).float().mean().item()
         assert differing_bytes < 0.01, f"{plane}: {differing_bytes:.3%} of code bytes differ"  # threshold ties only
-        assert torch.allclose(n0, n1, rtol=2e-3, atol=1e-3), f"{plane} norms differ"
+        # A tie flips one coordinate's code, and the norm fitted to the codes moves with it
+        # (about 1 %, H200): compare the norms of vectors coded alike.
+        alike = (c0 == c1).all(-1)
+        assert torch.allclose(n0[alike], n1[alike], rtol=2e-3, atol=1e-3), f"{plane} norms differ"
     k0, v0 = q0.dequantize(p0, torch.arange(5, device=DEVICE))
     k1, v1 = q1.dequantize(p1, torch.arange(5, device=DEVICE))
     for a, b in ((k0, k1), (v0, v1)):

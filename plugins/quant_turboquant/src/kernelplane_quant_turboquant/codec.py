@@ -20,7 +20,7 @@ import torch
 from .codebook import codebook_for
 from .packing import check_dim, pack, packed_bytes, unpack
 from .rotation import make_rotation
-from .shapes import SHAPES, fit_shape
+from .shapes import ROLES, fit_shape
 
 NORM_DTYPE = torch.float16
 _NORM_MAX = torch.finfo(NORM_DTYPE).max
@@ -49,9 +49,13 @@ class TurboQuantCodec:
     vector about MSE / (1 - MSE)).
     """
 
-    def __init__(self, bits: int, dim: int, seed: int, norm_mode: str = "mse", scale_search: int = 1):
+    def __init__(self, bits: int, dim: int, seed: int, norm_mode: str = "mse", scale_search: int = 1,
+                 role: str = "key"):
         """``scale_search``: how many input scales ``encode`` tries per vector (1: none; see
-        ``search_scales``)."""
+        ``search_scales``). ``role``: ``key`` or ``value``, which decoder shape the table takes
+        (``shapes``; they differ at 3 bits)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         check_dim(dim)
         if scale_search < 1:
             raise ValueError(f"scale_search must be at least 1, got {scale_search}")
@@ -60,16 +64,16 @@ class TurboQuantCodec:
                              "scale_search must be 1 with norm_mode='mse'")
         if norm_mode not in NORM_MODES:
             raise ValueError(f"norm_mode must be one of {', '.join(NORM_MODES)}, got {norm_mode!r}")
-        self.bits, self.dim, self.seed, self.norm_mode = bits, dim, seed, norm_mode
+        self.bits, self.dim, self.seed, self.norm_mode, self.role = bits, dim, seed, norm_mode, role
         self.scale_search = scale_search
         self.codebook = codebook_for(bits, dim)
         self.rotation = make_rotation(dim, seed)
         self.packed_bytes = packed_bytes(dim, bits)
         half = 2 ** (bits - 1)
         positive = self.codebook.positive_centroids
-        if bits in SHAPES:
+        if bits >= 2:
             # The shape nearest Lloyd-Max's that the GPU decoders read exactly (see shapes).
-            positive = fit_shape(bits, tuple(positive))
+            positive = fit_shape(bits, tuple(positive), role)
         mags = torch.tensor(positive, dtype=torch.float64)
         # table[code], sign-magnitude codes (see module doc).
         self.table = torch.cat([mags, -mags]).float()

@@ -112,7 +112,7 @@ def resident_per_sm(max_registers: int) -> int:
 # 3-bit ones ``(1, 3, 5, 8, -1, -3, -5, -8) u``), so ``prmt`` looks up their high bytes, four
 # per word. 4 bits: the shape's odd integers and their negatives (``value_asm``).
 VALUE_CENTROIDS = {2: (1.5, 5.0, -1.5, -5.0), 3: (1.0, 3.0, 5.0, 8.0, -1.0, -3.0, -5.0, -8.0),
-                   4: SHAPES[4] + tuple(-s for s in SHAPES[4])}
+                   4: SHAPES["value"][4] + tuple(-s for s in SHAPES["value"][4])}
 
 
 def _byte_words(values) -> tuple[int, ...]:
@@ -134,13 +134,13 @@ def _high_byte_words(values) -> tuple[int, ...]:
 def value_tables(bits: int) -> tuple[int, ...]:
     """The words ``value_asm(bits)`` looks centroids up in (one for 2 bits, two for 3 and 4)."""
     if bits == 4:  # byte 127 - (s - 1) / 2 for magnitude s: the decoder makes 255 - 2 * byte
-        return _byte_words([127 - (m - 1) // 2 for m in SHAPES[4]])
+        return _byte_words([127 - (m - 1) // 2 for m in SHAPES["value"][4]])
     return _high_byte_words(VALUE_CENTROIDS[bits])
 
 
 def value_unit(table, bits: int) -> float:
     """What one unit of the value decoder's centroids is in the ``bits``-bit ``table``'s units."""
-    check_shape(table, bits)
+    check_shape(table, bits, "value")
     return float(table[0]) / VALUE_CENTROIDS[bits][0]
 
 
@@ -279,9 +279,10 @@ def key_tables(table, bits: int) -> tuple[tuple[int, ...], float]:
     ``(s - 1) / 2``, a negative centroid their complement ``-(s + 1) / 2``: so every centroid is
     ``(byte + 1/2)`` steps, and the kernel adds half the query's sum to each score."""
     if bits != 4:
+        check_shape(table, bits, "key")  # so that the int8 steps are exact
         return int8_centroids(table)
-    unit = check_shape(table, 4)
-    return _byte_words([(m - 1) // 2 for m in SHAPES[4]]), 2 * unit
+    unit = check_shape(table, 4, "key")
+    return _byte_words([(m - 1) // 2 for m in SHAPES["key"][4]]), 2 * unit
 
 
 def int8_centroids(table) -> tuple[tuple[int, ...], float]:

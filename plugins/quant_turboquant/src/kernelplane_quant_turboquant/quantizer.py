@@ -106,9 +106,9 @@ class TurboQuantKVQuantizer:
                                   and probe_hardware().triton_mode == "compiled")
         search = scale_search or (DEFAULT_SCALE_SEARCH[self.bits] if norm_mode != "mse" else 1)
         self.key_codec = TurboQuantCodec(self.bits, request.head_dim, _SEED["key"] + request.head_dim, norm_mode,
-                                         scale_search=search)
+                                         scale_search=search, role="key")
         self.value_codec = TurboQuantCodec(self.bits, request.v_dim, _SEED["value"] + request.v_dim, norm_mode,
-                                           scale_search=search)
+                                           scale_search=search, role="value")
         # Key offsets per layer's pages, found by their key_codes tensor (checked by a weak
         # reference, so a new tensor that reuses a freed one's id never inherits its offset).
         self._key_offsets: dict[int, _KeyOffset] = {}
