@@ -52,6 +52,11 @@ def main() -> int:
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated; the first is the reference")
     args = ap.parse_args()
     lm = load_model("default", device="cuda", dtype="bfloat16", progress=False)
+    # Each sequence needs --context positions plus room for the decode steps timed after it.
+    longest = lm.config.max_position_embeddings - 128
+    if args.context > longest:
+        ap.error(f"--context {args.context} does not fit the model's {lm.config.max_position_embeddings} positions "
+                 f"with the decode steps after it; at most {longest}")
     text = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(2000))
     long_ids = lm.tokenizer.encode(text, add_special_tokens=False)[: args.context - 64]
     print(f"# {torch.cuda.get_device_name()}, {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
