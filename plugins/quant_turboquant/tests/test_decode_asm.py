@@ -220,36 +220,6 @@ def test_gluon_3_bit_key_decoder_and_query_order(dim):
 
 
 @pytest.mark.parametrize("dim", [64, 128])
-def test_gluon_3_bit_value_decoder(dim):
-    """value_asm(3) on two keys' page rows: for operand row m (main word ``m % WORDS``, byte
-    ``m // WORDS``), field f gives the value of dimension ``f * FW + 4 (m % WORDS) + m // WORDS``."""
-    table = TurboQuantCodec(3, dim, seed=1, role="value").table
-    unit = gluon_decode.value_unit(table, 3)
-    lo, hi = gluon_decode.value_tables(3)
-    rng = random.Random(10)
-    fw, words = dim // 4, dim // 16
-    asm = gluon_decode.value_asm(3)
-    for _ in range(40):
-        codes = [[rng.randrange(8) for _ in range(dim)] for _ in range(2)]
-        rows = [_row_words(packing.pack(torch.tensor(c), 3)) for c in codes]
-        m = rng.randrange(fw)
-        w, j0 = m % words, m // words
-        j1 = rng.randrange(4)  # the kernel's: the byte of operand row m + 8, the same word
-        e = w // (words // 2)
-        regs = run_ptx(asm, {"$8": rows[0][w], "$9": rows[1][w], "$12": rows[0][words + w % (words // 2)],
-                             "$13": rows[1][words + w % (words // 2)],
-                             "$16": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12, "$20": e,
-                             "$24": lo & MASK, "$28": hi & MASK})
-        for f in range(4):
-            for out, byte in ((2 * f, j0), (2 * f + 1, j1)):
-                got = [_half(regs[f"${out}"] & 0xFFFF), _half(regs[f"${out}"] >> 16)]
-                for key in range(2):
-                    code = codes[key][f * fw + 4 * w + byte]
-                    assert got[key] == gluon_decode.VALUE_CENTROIDS[3][code]
-                    assert got[key] * unit == pytest.approx(float(table[code]), rel=1e-6)
-
-
-@pytest.mark.parametrize("dim", [64, 128])
 def test_gluon_4_bit_key_decoder_and_query_order(dim):
     """KEY_ASM_4 on the word of the half each operand row reads (``h = r // FW``): byte ``i``
     of output ``o`` is a centroid's int8 step count less a half (``key_tables``) at the 2-bit
@@ -269,30 +239,38 @@ def test_gluon_4_bit_key_decoder_and_query_order(dim):
                 assert (_signed_byte(regs[f"${out}"], i) + 0.5) * step == pytest.approx(table[codes[d]], rel=1e-6)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_gluon_4_bit_value_decoder(dim):
-    """value_asm(4): field f of operand row m is dimension ``f * FW + 4 (m % WORDS) + m // WORDS``
-    (the row's halves as the 2-bit fields), the odd-integer centroids exact in float16."""
-    table = TurboQuantCodec(4, dim, seed=1).table
-    unit = gluon_decode.value_unit(table, 4)
-    lo, hi = gluon_decode.value_tables(4)
-    rng = random.Random(12)
+def test_gluon_wide_value_decoders(bits, dim):
+    """value_asm(3 / 4) on two keys' page rows: field f of operand row m (main word
+    ``m % WORDS``, byte ``m // WORDS``) is dimension ``f * FW + 4 (m % WORDS) + m // WORDS``,
+    each centroid exact in float16. 3 bits read each main word's top bits from an extra word
+    (one per two main words), 4 bits read the row's second half as the 2-bit fields."""
+    table = TurboQuantCodec(bits, dim, seed=1, role="value").table
+    unit = gluon_decode.value_unit(table, bits)
+    lo, hi = gluon_decode.value_tables(bits)
+    rng = random.Random(10 + bits)
     fw, words = dim // 4, dim // 16
-    asm = gluon_decode.value_asm(4)
+    asm = gluon_decode.value_asm(bits)
     for _ in range(40):
-        codes = [[rng.randrange(16) for _ in range(dim)] for _ in range(2)]
-        rows = [_row_words(packing.pack(torch.tensor(c), 4)) for c in codes]
-        m, j1 = rng.randrange(fw), rng.randrange(4)
+        codes = [[rng.randrange(1 << bits) for _ in range(dim)] for _ in range(2)]
+        rows = [_row_words(packing.pack(torch.tensor(c), bits)) for c in codes]
+        m, j1 = rng.randrange(fw), rng.randrange(4)  # j1: the byte of operand row m + 8, the same word
         w, j0 = m % words, m // words
-        regs = run_ptx(asm, {"$8": rows[0][w], "$9": rows[1][w], "$12": rows[0][words + w],
-                             "$13": rows[1][words + w], "$16": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12,
-                             "$20": lo & MASK, "$24": hi & MASK})
+        second = words + (w % (words // 2) if bits == 3 else w)
+        operands = {"$8": rows[0][w], "$9": rows[1][w], "$12": rows[0][second], "$13": rows[1][second],
+                    "$16": j0 | (4 + j0) << 4 | j1 << 8 | (4 + j1) << 12}
+        if bits == 3:  # which byte pair of the extra word belongs to this main word
+            operands.update({"$20": w // (words // 2), "$24": lo & MASK, "$28": hi & MASK})
+        else:
+            operands.update({"$20": lo & MASK, "$24": hi & MASK})
+        regs = run_ptx(asm, operands)
         for f in range(4):
             for out, byte in ((2 * f, j0), (2 * f + 1, j1)):
                 got = [_half(regs[f"${out}"] & 0xFFFF), _half(regs[f"${out}"] >> 16)]
                 for key in range(2):
                     code = codes[key][f * fw + 4 * w + byte]
-                    assert got[key] == gluon_decode.VALUE_CENTROIDS[4][code]
+                    assert got[key] == gluon_decode.VALUE_CENTROIDS[bits][code]
                     assert got[key] * unit == pytest.approx(float(table[code]), rel=1e-6)
 
 
