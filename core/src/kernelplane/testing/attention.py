@@ -1,7 +1,7 @@
 """Attention conformance: random paged caches, compared with the reference."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import pytest
