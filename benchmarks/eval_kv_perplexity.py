@@ -100,7 +100,7 @@ class MinMaxRTN:
         return out[0], out[1]
 
 
-def make_quantizer(fmt: str, config, norm_mode: str):
+def make_quantizer(fmt: str, config, norm_mode: str, rotation_draw: int = 0):
     name, _, variant = fmt.partition(":")
     request = KVQuantRequest(format=name if not name.startswith("rtn") else "int8", num_kv_heads=config.num_kv_heads,
                              head_dim=config.head_dim, dtype="float32", block_size=BLOCK)
@@ -108,10 +108,11 @@ def make_quantizer(fmt: str, config, norm_mode: str):
         from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
 
         if variant == "paper":
-            return TurboQuantKVQuantizer(request, norm_mode="mse", center_keys=False)
+            return TurboQuantKVQuantizer(request, norm_mode="mse", center_keys=False, rotation_draw=rotation_draw)
         if variant == "nosearch":
-            return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None, scale_search=1)
-        return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None)
+            return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None, scale_search=1,
+                                         rotation_draw=rotation_draw)
+        return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None, rotation_draw=rotation_draw)
     if fmt == "int8":
         return RoundToNearestKVQuantizer(request)
     if fmt.startswith("rtn"):
@@ -122,10 +123,10 @@ def make_quantizer(fmt: str, config, norm_mode: str):
 class Runner:
     """Runs the model over one sequence at a time with a fresh cache of one format."""
 
-    def __init__(self, lm, fmt: str, norm_mode: str, max_tokens: int, exact_tail: int = 0):
+    def __init__(self, lm, fmt: str, norm_mode: str, max_tokens: int, exact_tail: int = 0, rotation_draw: int = 0):
         self.model, self.config = lm.model, lm.config
         c = self.config
-        self.quantizer = make_quantizer(fmt, c, norm_mode)
+        self.quantizer = make_quantizer(fmt, c, norm_mode, rotation_draw)
         self.exact_tail = exact_tail if self.quantizer is not None else 0
         blocks = math.ceil(max_tokens / BLOCK)
         if self.quantizer is None:
@@ -157,9 +158,9 @@ class Runner:
         return self.model.compute_logits(hidden)
 
 
-def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, exact_tail=0):
+def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, exact_tail=0, rotation_draw=0):
     max_tokens = max(max(len(w) for w in windows), max(len(p) for p in prompts) + gen_tokens)
-    runner = Runner(lm, fmt, norm_mode, max_tokens, exact_tail)
+    runner = Runner(lm, fmt, norm_mode, max_tokens, exact_tail, rotation_draw)
     nll, count, preds, logps, divergence = 0.0, 0, [], [], 0.0
     for index, w in enumerate(windows):
         if runner.exact_tail:  # one token per step: every position reads the tail as a decode step does
@@ -192,6 +193,8 @@ def evaluate(lm, fmt, norm_mode, windows, prompts, gen_tokens, reference=None, e
             if hasattr(q, "key_codec") else "")
     if runner.exact_tail:
         mode += f"{', ' if mode else ''}first + latest {runner.exact_tail} exact"
+    if rotation_draw and hasattr(q, "key_codec"):
+        mode += f", rotation draw {rotation_draw}"
     result = dict(format=fmt, norm_mode=mode, ppl=math.exp(nll / count), tokens=count)
     if runner.quantizer is not None and hasattr(runner.quantizer, "bytes_per_token"):
         c = lm.config
@@ -223,6 +226,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--exact-tail", type=int, default=0, metavar="N",
                     help="quantized caches keep each sequence's first and latest N tokens exact (windows decoded "
                          "one token per step)")
+    ap.add_argument("--rotation-draw", type=int, default=0, metavar="S",
+                    help="TurboQuant caches under another pair of random rotations (0: the engine's); how much a "
+                         "result owes to the draw")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -249,7 +255,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         modes = args.norm_modes.split(",") if fmt.startswith("turboquant") and ":" not in fmt else [""]
         for mode in modes:
             t = time.time()
-            r, _ = evaluate(lm, fmt, mode, windows, prompts, args.gen, reference=ref, exact_tail=args.exact_tail)
+            r, _ = evaluate(lm, fmt, mode, windows, prompts, args.gen, reference=ref, exact_tail=args.exact_tail,
+                            rotation_draw=args.rotation_draw)
             r["delta_ppl"] = r["ppl"] / base["ppl"] - 1
             results.append(r)
             log(f"{fmt} {mode}: ppl {r['ppl']:.4f} ({100 * r['delta_ppl']:+.2f} %), KL {1000 * r['kl']:.3f} millinats "

@@ -51,6 +51,19 @@ def test_write_then_dequantize_matches_the_codec():
     assert torch.allclose(flat_v[slots], q.value_codec.decode(*q.value_codec.encode(value)), atol=1e-5)
 
 
+def test_another_rotation_draw_rotates_otherwise_and_codes_as_well():
+    request = KVQuantRequest(format="turboquant3", num_kv_heads=2, head_dim=64, dtype="float32")
+    usual, other = TurboQuantKVQuantizer(request), TurboQuantKVQuantizer(request, rotation_draw=1)
+    for plane in ("key", "value"):
+        a, b = usual.codec(plane).rotation.matrix("cpu"), other.codec(plane).rotation.matrix("cpu")
+        assert (a - b).abs().max() > 0.1
+    assert torch.equal(TurboQuantKVQuantizer(request).key_codec.rotation.matrix("cpu"),
+                       usual.key_codec.rotation.matrix("cpu"))  # draw 0 is the engine's, every time
+    x = torch.nn.functional.normalize(torch.randn(2000, 64, generator=torch.Generator().manual_seed(8)), dim=-1)
+    errors = [((q.value_codec.decode(*q.value_codec.encode(x)) - x) ** 2).sum(-1).mean().item() for q in (usual, other)]
+    assert errors[1] == pytest.approx(errors[0], rel=0.1)  # the codebook's error, whatever the draw
+
+
 def test_key_centering_is_frozen_per_layer_and_cuts_the_error():
     gen = torch.Generator().manual_seed(3)
     common = torch.randn(2, 64, generator=gen) * 3  # a component all keys share, as in real models

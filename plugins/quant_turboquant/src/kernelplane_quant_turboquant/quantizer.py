@@ -82,13 +82,16 @@ class TurboQuantKVQuantizer:
     """``KVQuantizer`` for one TurboQuant format and one model's head dims."""
 
     def __init__(self, request: KVQuantRequest, norm_mode: Optional[str] = None, center_keys: bool = True,
-                 fused_write: Optional[bool] = None, scale_search: Optional[int] = None):
+                 fused_write: Optional[bool] = None, scale_search: Optional[int] = None,
+                 rotation_draw: int = 0):
         """``fused_write``: quantize and store in one Triton kernel (``write_kernel``).
         Default: wherever the rows are CUDA tensors that Triton compiles for
         and the head dims are powers of two (the kernel's tiles), 3.6-16x
         faster per write than the PyTorch path on an H100 (BENCHMARKS.md),
         unless ``KERNELPLANE_TURBOQUANT_FUSED_WRITE=0``. ``scale_search``: input scales the
-        encoder tries per vector (default ``DEFAULT_SCALE_SEARCH``, none under the ``mse`` norm)."""
+        encoder tries per vector (default ``DEFAULT_SCALE_SEARCH``, none under the ``mse`` norm).
+        ``rotation_draw``: another pair of random rotations (0 is the one every engine uses), to
+        measure how much a result owes to the draw; pages must be read with the draw that wrote them."""
         if request.kind != "mha":
             raise ValueError("TurboQuant stores separate K and V vectors: MLA latent caches are not supported")
         self.format = request.format
@@ -105,10 +108,11 @@ class TurboQuantKVQuantizer:
         self._fused_by_default = (dims_fit and os.environ.get("KERNELPLANE_TURBOQUANT_FUSED_WRITE") != "0"
                                   and probe_hardware().triton_mode == "compiled")
         search = scale_search or (DEFAULT_SCALE_SEARCH[self.bits] if norm_mode != "mse" else 1)
-        self.key_codec = TurboQuantCodec(self.bits, request.head_dim, _SEED["key"] + request.head_dim, norm_mode,
-                                         scale_search=search, role="key")
-        self.value_codec = TurboQuantCodec(self.bits, request.v_dim, _SEED["value"] + request.v_dim, norm_mode,
-                                           scale_search=search, role="value")
+        draw = 0x10000 * rotation_draw  # well clear of the head dims added to the seeds
+        self.key_codec = TurboQuantCodec(self.bits, request.head_dim, _SEED["key"] + request.head_dim + draw,
+                                         norm_mode, scale_search=search, role="key")
+        self.value_codec = TurboQuantCodec(self.bits, request.v_dim, _SEED["value"] + request.v_dim + draw,
+                                           norm_mode, scale_search=search, role="value")
         # Key offsets per layer's pages, found by their key_codes tensor (checked by a weak
         # reference, so a new tensor that reuses a freed one's id never inherits its offset).
         self._key_offsets: dict[int, _KeyOffset] = {}
