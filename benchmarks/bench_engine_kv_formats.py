@@ -22,6 +22,7 @@ from kernelplane.engine import EngineConfig, LLMEngine, SamplingParams
 from kernelplane.models import load_model
 
 FORMATS = ("auto", "turboquant4", "turboquant3", "turboquant2", "turboquant4@0", "turboquant3@0", "turboquant2@0")
+DECODE_ROOM = 128  # positions each sequence keeps free after --context for the timed decode steps
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List three primary colors:"]
 
 
@@ -52,8 +53,7 @@ def main() -> int:
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated; the first is the reference")
     args = ap.parse_args()
     lm = load_model("default", device="cuda", dtype="bfloat16", progress=False)
-    # Each sequence needs --context positions plus room for the decode steps timed after it.
-    longest = lm.config.max_position_embeddings - 128
+    longest = lm.config.max_position_embeddings - DECODE_ROOM
     if args.context > longest:
         ap.error(f"--context {args.context} does not fit the model's {lm.config.max_position_embeddings} positions "
                  f"with the decode steps after it; at most {longest}")
@@ -68,7 +68,7 @@ def main() -> int:
     for spec in args.formats.split(","):
         fmt, _, tail = spec.partition("@")
         tail_kw = {"kv_exact_tail": int(tail)} if tail else {}
-        engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache_dtype=fmt, max_model_len=args.context + 128,
+        engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache_dtype=fmt, max_model_len=args.context + DECODE_ROOM,
                                         max_num_seqs=64, **tail_kw), loaded=lm)
         capacity = engine.num_kv_blocks * engine.block_size
         outs = [o.token_ids for o in engine.generate(PROMPTS, SamplingParams(max_tokens=args.gen, temperature=0,

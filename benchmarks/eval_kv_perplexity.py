@@ -107,12 +107,12 @@ def make_quantizer(fmt: str, config, norm_mode: str, rotation_draw: int = 0):
     if name.startswith("turboquant"):
         from kernelplane_quant_turboquant.quantizer import TurboQuantKVQuantizer
 
+        options = dict(norm_mode=norm_mode or None, rotation_draw=rotation_draw)
         if variant == "paper":
-            return TurboQuantKVQuantizer(request, norm_mode="mse", center_keys=False, rotation_draw=rotation_draw)
-        if variant == "nosearch":
-            return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None, scale_search=1,
-                                         rotation_draw=rotation_draw)
-        return TurboQuantKVQuantizer(request, norm_mode=norm_mode or None, rotation_draw=rotation_draw)
+            options.update(norm_mode="mse", center_keys=False)
+        elif variant == "nosearch":
+            options.update(scale_search=1)
+        return TurboQuantKVQuantizer(request, **options)
     if fmt == "int8":
         return RoundToNearestKVQuantizer(request)
     if fmt.startswith("rtn"):
