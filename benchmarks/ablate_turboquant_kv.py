@@ -57,6 +57,10 @@ Variants printed (perplexity, change against the float32 cache):
   coordinates still to code (greedy least ``e^T C e``), or the codec's own, and the norm
   unbiased or least squares under ``C``; ``C`` from the window's own queries (an oracle),
   from the engine's start-up text or from 2048 tokens after the windows;
+- with ``--combined`` (the first and latest 64 tokens exact): the two leads above
+  together, at 3 and 4 bits under ``--seeds S`` pairs of rotation draws: keys coded
+  for the query covariance of 2048 later tokens, tokens by runs of 16 under two draws,
+  and both;
 - with ``--principal N`` (the first and latest N tokens exact): keys split in
   the basis of their principal directions (from held-out text of the same
   corpus), the 16 strongest directions at more bits than the other 48, each
@@ -219,6 +223,9 @@ def main() -> int:
                     help="encoders trying N input scales per vector against the plain one (latest 64 exact)")
     ap.add_argument("--rotations", type=int, metavar="R", default=0,
                     help="tokens spread over R rotation draws (or R scale grids) against one (latest 64 exact)")
+    ap.add_argument("--combined", action="store_true",
+                    help="the 3- and 4-bit leads together: keys coded for a query covariance from 2048 later "
+                         "tokens, and two rotations by runs of 16 tokens (--seeds S pairs of draws)")
     ap.add_argument("--query-weighted", action="store_true",
                     help="keys coded for least score error under a query covariance (latest 64 exact)")
     ap.add_argument("--principal", type=int, metavar="N", default=0,
@@ -435,6 +442,35 @@ def main() -> int:
                 report(f"{name}, keys coded and norm weighted by {source} query covariance",
                        query_weighted(kc, vc, "weighted", covariances=covs), recent=64, per_layer=True)
         return 0
+    if args.combined:
+        def by_runs(*pairs, period: int = 16) -> Transform:
+            """K and V of token t through codec pair ``pairs[t // period % len(pairs)]``, keys centred, the first token exact."""
+            def transform(k, v):
+                head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
+                mu = k.mean(0)
+                group = torch.arange(k.shape[0]) // period % len(pairs)
+                out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+                for i, (kc, vc) in enumerate(pairs):
+                    pick = group == i
+                    out_k[pick], out_v[pick] = round_trip(kc, k[pick], mu), round_trip(vc, v[pick], None)
+                return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
+            return transform
+
+        covs = query_covariances(lm, ids[args.windows * args.window:args.windows * args.window + 2048])
+        for bits in (3, 4):
+            for seed in range(args.seeds):
+                one, other = drawn_codecs(bits, 2 * seed), drawn_codecs(bits, 2 * seed + 1)
+                name = f"K+V {bits} bits, draw {2 * seed}"
+                report(f"{name}; first and latest 64 exact", variant(kbits=bits, vbits=bits, sink=1, key_codec=one[0],
+                                                                     value_codec=one[1]), recent=64)
+                report(f"{name}, keys coded and norm weighted by 2048 later tokens' query covariance",
+                       query_weighted(*one, "weighted", covariances=covs), recent=64, per_layer=True)
+                report(f"{name} and {2 * seed + 1} by runs of 16 tokens, keys coded and norm weighted by 2048 later "
+                       f"tokens' query covariance",
+                       query_weighted(*one, "weighted", covariances=covs, more_pairs=(other,)), recent=64,
+                       per_layer=True)
+                report(f"{name} and {2 * seed + 1} by runs of 16 tokens", by_runs(one, other), recent=64)
+        return 0
     if args.debias:
         n = args.debias
         for bits in (3, 4):
@@ -508,20 +544,31 @@ def query_weighted_codes(codec: TurboQuantCodec, y: torch.Tensor, h: torch.Tenso
 
 
 def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, norm: str, codes: str = "gptq",
-                   covariances: Optional[list[torch.Tensor]] = None):
+                   covariances: Optional[list[torch.Tensor]] = None, more_pairs: tuple = (), period: int = 16):
     """A transform (keys centred, the first token exact) whose keys are coded with a query
     covariance per KV head: the window's own (an oracle), or ``covariances`` (per layer,
     ``[kv_heads, d, d]``, measured on other text; the transform then takes the layer's
     index). ``codes``: ``gptq`` (``query_weighted_codes``) or ``codec`` (the codec's own);
     ``norm``: ``unbiased`` or ``weighted`` (least squares under the covariance: least
-    expected score error for those codes)."""
-    rot = key_codec.rotation.matrix("cpu")
+    expected score error for those codes). ``more_pairs``: other (key, value) codec pairs;
+    token t then goes through pair ``t // period % (1 + len(more_pairs))`` (each rotation
+    its own runs of tokens)."""
+    pairs = ((key_codec, value_codec),) + tuple(more_pairs)
     d = key_codec.dim
 
     def transform(k, v, q, layer=None):
         head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
         mu = k.mean(0)
-        x = k - mu
+        group = torch.arange(k.shape[0]) // period % len(pairs)
+        out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+        for i, (kc, vc) in enumerate(pairs):
+            pick = group == i
+            out_k[pick] = code_keys(kc, k[pick] - mu, q, layer) + mu
+            out_v[pick] = round_trip(vc, v[pick], None)
+        return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
+
+    def code_keys(kc, x, q, layer):
+        rot = kc.rotation.matrix("cpu")
         out = torch.empty_like(x)
         for h in range(x.shape[1]):
             if covariances is None:
@@ -534,9 +581,9 @@ def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, nor
             length = y.norm(dim=-1, keepdim=True).clamp_min(1e-30)
             scaled = y / length * math.sqrt(d)
             if codes == "gptq":
-                c = query_weighted_codes(key_codec, scaled.double(), cov).float()
+                c = query_weighted_codes(kc, scaled.double(), cov).float()
             else:
-                c = key_codec.table[key_codec.codes_of(scaled)]
+                c = kc.table[kc.codes_of(scaled)]
             c = c / math.sqrt(d)
             if norm == "unbiased":
                 scale = length.pow(2) / (c * y).sum(-1, keepdim=True).clamp_min(1e-6)
@@ -544,8 +591,7 @@ def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, nor
                 cw = c @ cov.float()
                 scale = (cw * y).sum(-1, keepdim=True) / (cw * c).sum(-1, keepdim=True).clamp_min(1e-30)
             out[:, h] = (c * scale) @ rot
-        v = round_trip(value_codec, v, None)
-        return torch.cat([head_k, out + mu]), torch.cat([head_v, v])
+        return out
 
     transform.wants_queries = True
     return transform
