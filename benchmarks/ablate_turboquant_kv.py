@@ -99,6 +99,23 @@ def round_trip(codec: TurboQuantCodec, x: torch.Tensor, mu: Optional[torch.Tenso
     return codec.decode(*codec.encode(y)) + (mu if mu is not None else 0)
 
 
+def split_by_runs(k: torch.Tensor, v: torch.Tensor, pairs, period: int = 1, planes: str = "both",
+                  code_keys: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k, v [tokens, heads, dim]`` with the first token exact and token t after it through
+    codec pair ``pairs[t // period % len(pairs)]`` (values: only with ``planes="both"``, else
+    the first pair's), keys centred on their mean. ``code_keys(codec, centred keys)`` codes
+    and decodes keys some other way than the codec's own round trip."""
+    head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
+    mu = k.mean(0)
+    out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+    group = torch.arange(k.shape[0]) // period % len(pairs)
+    for i, (kc, vc) in enumerate(pairs):
+        pick = group == i
+        out_k[pick] = code_keys(kc, k[pick] - mu) + mu if code_keys else round_trip(kc, k[pick], mu)
+        out_v[pick] = round_trip(vc if planes == "both" else pairs[0][1], v[pick], None)
+    return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
+
+
 class WindowAttention:
     """An attention backend for one layer: exact causal attention over K/V passed through ``transform``.
     ``recent``: each query reads its last ``recent`` positions (itself included) exact. A
@@ -381,19 +398,7 @@ def main() -> int:
         return 0
     if args.rotations:
         def interleaved(bits: int, pairs: list, period: int = 1, planes: str = "both") -> Transform:
-            """K (and V, ``planes="both"``) of token t through codec pair ``pairs[t // period % len(pairs)]``,
-            the first token exact."""
-            def transform(k, v):
-                head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
-                mu = k.mean(0)
-                out_k, out_v = torch.empty_like(k), torch.empty_like(v)
-                group = torch.arange(k.shape[0]) // period % len(pairs)
-                for i, (kc, vc) in enumerate(pairs):
-                    pick = group == i
-                    out_k[pick] = round_trip(kc, k[pick], mu)
-                    out_v[pick] = round_trip(vc if planes == "both" else pairs[0][1], v[pick], None)
-                return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
-            return transform
+            return lambda k, v: split_by_runs(k, v, pairs, period, planes)
 
         def shifted(codec: TurboQuantCodec, shift: float) -> TurboQuantCodec:
             """``codec`` searching scales ``shift`` grid steps away from its own."""
@@ -443,18 +448,8 @@ def main() -> int:
                        query_weighted(kc, vc, "weighted", covariances=covs), recent=64, per_layer=True)
         return 0
     if args.combined:
-        def by_runs(*pairs, period: int = 16) -> Transform:
-            """K and V of token t through codec pair ``pairs[t // period % len(pairs)]``, keys centred, the first token exact."""
-            def transform(k, v):
-                head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
-                mu = k.mean(0)
-                group = torch.arange(k.shape[0]) // period % len(pairs)
-                out_k, out_v = torch.empty_like(k), torch.empty_like(v)
-                for i, (kc, vc) in enumerate(pairs):
-                    pick = group == i
-                    out_k[pick], out_v[pick] = round_trip(kc, k[pick], mu), round_trip(vc, v[pick], None)
-                return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
-            return transform
+        def by_runs(*pairs) -> Transform:
+            return lambda k, v: split_by_runs(k, v, pairs, period=16)
 
         covs = query_covariances(lm, ids[args.windows * args.window:args.windows * args.window + 2048])
         for bits in (3, 4):
@@ -557,15 +552,7 @@ def query_weighted(key_codec: TurboQuantCodec, value_codec: TurboQuantCodec, nor
     d = key_codec.dim
 
     def transform(k, v, q, layer=None):
-        head_k, head_v, k, v = k[:1], v[:1], k[1:], v[1:]
-        mu = k.mean(0)
-        group = torch.arange(k.shape[0]) // period % len(pairs)
-        out_k, out_v = torch.empty_like(k), torch.empty_like(v)
-        for i, (kc, vc) in enumerate(pairs):
-            pick = group == i
-            out_k[pick] = code_keys(kc, k[pick] - mu, q, layer) + mu
-            out_v[pick] = round_trip(vc, v[pick], None)
-        return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
+        return split_by_runs(k, v, pairs, period, code_keys=lambda kc, x: code_keys(kc, x, q, layer))
 
     def code_keys(kc, x, q, layer):
         rot = kc.rotation.matrix("cpu")
