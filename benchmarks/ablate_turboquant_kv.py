@@ -116,6 +116,11 @@ def split_by_runs(k: torch.Tensor, v: torch.Tensor, pairs, period: int = 1, plan
     return torch.cat([head_k, out_k]), torch.cat([head_v, out_v])
 
 
+def through_runs(pairs, period: int = 1, planes: str = "both") -> Transform:
+    """``split_by_runs`` as a transform, each codec's own round trip."""
+    return lambda k, v: split_by_runs(k, v, pairs, period, planes)
+
+
 class WindowAttention:
     """An attention backend for one layer: exact causal attention over K/V passed through ``transform``.
     ``recent``: each query reads its last ``recent`` positions (itself included) exact. A
@@ -397,9 +402,6 @@ def main() -> int:
                            variant(kbits=bits, vbits=bits, sink=1, key_codec=kc, value_codec=vc), recent=64)
         return 0
     if args.rotations:
-        def interleaved(bits: int, pairs: list, period: int = 1, planes: str = "both") -> Transform:
-            return lambda k, v: split_by_runs(k, v, pairs, period, planes)
-
         def shifted(codec: TurboQuantCodec, shift: float) -> TurboQuantCodec:
             """``codec`` searching scales ``shift`` grid steps away from its own."""
             import copy
@@ -415,15 +417,15 @@ def main() -> int:
             for seed in range(args.seeds):
                 draws = [drawn_codecs(bits, seed * r + i) for i in range(r)]
                 name = f"K+V {bits} bits, draw {seed * r}"
-                report(f"{name}; first and latest 64 exact", interleaved(bits, draws[:1]), recent=64)
-                report(f"{name}, token t under draw {seed * r} + t % {r}", interleaved(bits, draws), recent=64)
+                report(f"{name}; first and latest 64 exact", through_runs(draws[:1]), recent=64)
+                report(f"{name}, token t under draw {seed * r} + t % {r}", through_runs(draws), recent=64)
                 report(f"{name}, keys of token t under draw {seed * r} + t % {r}",
-                       interleaved(bits, draws, planes="keys"), recent=64)
-                report(f"{name}, token t under draw {seed * r} + t // 16 % {r}", interleaved(bits, draws, period=16),
+                       through_runs(draws, planes="keys"), recent=64)
+                report(f"{name}, token t under draw {seed * r} + t // 16 % {r}", through_runs(draws, period=16),
                        recent=64)
                 grids = [tuple(shifted(c, i / r) for c in draws[0]) for i in range(r)]
                 report(f"{name}, token t searching scales shifted by (t % {r}) / {r} steps",
-                       interleaved(bits, grids), recent=64)
+                       through_runs(grids), recent=64)
         return 0
     if args.query_weighted:
         from kernelplane.engine.engine import KV_PRIMING_TEXT
@@ -448,9 +450,6 @@ def main() -> int:
                        query_weighted(kc, vc, "weighted", covariances=covs), recent=64, per_layer=True)
         return 0
     if args.combined:
-        def by_runs(*pairs) -> Transform:
-            return lambda k, v: split_by_runs(k, v, pairs, period=16)
-
         covs = query_covariances(lm, ids[args.windows * args.window:args.windows * args.window + 2048])
         for bits in (3, 4):
             for seed in range(args.seeds):
@@ -464,7 +463,8 @@ def main() -> int:
                        f"tokens' query covariance",
                        query_weighted(*one, "weighted", covariances=covs, more_pairs=(other,)), recent=64,
                        per_layer=True)
-                report(f"{name} and {2 * seed + 1} by runs of 16 tokens", by_runs(one, other), recent=64)
+                report(f"{name} and {2 * seed + 1} by runs of 16 tokens", through_runs((one, other), period=16),
+                       recent=64)
         return 0
     if args.debias:
         n = args.debias
